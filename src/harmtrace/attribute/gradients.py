@@ -1,0 +1,125 @@
+"""Per-example gradients of a causal LM, batched with ``torch.func`` and projected.
+
+The loss of one sequence is the **sum** of token negative log-likelihoods over its target
+positions (labels other than -100). Sequences are grouped by exact length, so no padding
+is ever added: a sequence's gradient does not depend on the batch it is computed in.
+Gradients are taken in eval mode (no dropout); the model's mode is restored afterwards.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+import torch
+from torch.func import functional_call, grad, vmap
+
+from harmtrace.attribute.projection import GaussianProjector
+from harmtrace.errors import ConfigError, NumericalError
+
+__all__ = ["trainable_parameters", "per_example_gradients", "sequence_loss"]
+
+
+def trainable_parameters(model: torch.nn.Module, include: Sequence[str] = ()) -> dict:
+    """Name -> parameter for parameters that require grad (tied weights appear once).
+
+    ``include`` keeps only names containing one of the given substrings; naming only
+    frozen parameters is an error, never a silent block of zeros.
+    """
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if include:
+        params = {n: p for n, p in params.items() if any(s in n for s in include)}
+        if not params:
+            frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+            raise ConfigError(
+                f"attribute.parameters = {list(include)} matches no trainable parameter "
+                f"(frozen parameters: {frozen[:5]}...); name trainable modules"
+            )
+    return params
+
+
+def sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL; ``logits`` (T, V), ``labels`` (T,) with -100 ignored."""
+    return torch.nn.functional.cross_entropy(
+        logits[:-1], labels[1:], ignore_index=-100, reduction="sum"
+    )
+
+
+def per_example_gradients(
+    model: torch.nn.Module,
+    sequences: Sequence[Sequence[int]],
+    *,
+    projector: GaussianProjector,
+    target_masks: Sequence[Sequence[bool]] | None = None,
+    batch_size: int = 32,
+    on_batch: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Projected gradient of each sequence's loss, shape ``(len(sequences), projector.dim)``.
+
+    ``target_masks[i][t]`` (optional) says whether token ``t`` of sequence ``i`` is a target
+    of the loss; other tokens (a prompt, or words that carry no harm) are context only. By
+    default every token after the first is a target. Row ``i`` of the result belongs to
+    ``sequences[i]`` whatever the grouping used inside.
+    """
+    was_training = model.training
+    model.eval()
+    params = {n: p.detach() for n, p in model.named_parameters() if n in projector.names}
+    if len(params) != len(projector.names):
+        raise ConfigError("the projector was built for parameters this model does not have")
+    buffers = {n: b.detach() for n, b in model.named_buffers()}
+    embed_name = _input_embedding_name(model)
+    if embed_name not in params:
+        params[embed_name] = dict(model.named_parameters())[embed_name].detach()
+
+    def loss_of(p: dict, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # Embedding by hand and passing inputs_embeds keeps transformers' data-dependent
+        # padding checks (which vmap cannot trace) out of the graph; a tied output head
+        # still receives its gradient through the same tensor.
+        embeds = torch.nn.functional.embedding(ids, p[embed_name]).unsqueeze(0)  # (1, T, D)
+        out = functional_call(model, (p, buffers), (), {"inputs_embeds": embeds})
+        logits = out.logits[0]  # (T, V)
+        return sequence_loss(logits, labels)
+
+    per_example = vmap(grad(loss_of), in_dims=(None, 0, 0))
+    groups: dict[int, list[int]] = defaultdict(list)
+    for index, seq in enumerate(sequences):
+        groups[len(seq)].append(index)
+    out = torch.zeros(len(sequences), projector.dim)
+    try:
+        for length in sorted(groups):
+            members = groups[length]
+            for start in range(0, len(members), batch_size):
+                rows = members[start : start + batch_size]
+                ids = torch.tensor([list(sequences[i]) for i in rows], dtype=torch.long)
+                labels = ids.clone()
+                if target_masks is not None:
+                    masks = torch.tensor([list(target_masks[i]) for i in rows], dtype=torch.bool)
+                    labels = labels.masked_fill(~masks, -100)
+                grads = per_example(params, ids, labels)
+                grads = {n: g for n, g in grads.items() if n in projector.names}
+                projected = projector.project(grads)
+                _check_finite(projected, rows)
+                out[rows] = projected
+                if on_batch is not None:
+                    on_batch(len(rows))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _input_embedding_name(model: torch.nn.Module) -> str:
+    weight = model.get_input_embeddings().weight
+    for name, param in model.named_parameters():
+        if param is weight:
+            return name
+    raise ConfigError("the model's input embedding is not among its named parameters")
+
+
+def _check_finite(values: torch.Tensor, rows: list[int]) -> None:
+    bad = ~torch.isfinite(values).all(dim=1)
+    if bad.any():
+        first = rows[int(bad.nonzero()[0])]
+        raise NumericalError(
+            f"the gradient of sequence {first} is not finite; check that record for "
+            "empty or extreme content and the checkpoint for NaN weights"
+        )

@@ -1,0 +1,99 @@
+"""Generate from probe prompts, score the continuations and estimate the harm rate.
+
+The harm rate is the share of generations whose harm score reaches the threshold. Its
+confidence interval is a percentile bootstrap that resamples probes (a cluster bootstrap:
+samples from one prompt are not independent of each other).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+from harmtrace.seeding import seed_everything
+
+__all__ = ["Generation", "bootstrap_rate", "generate", "measure_harm"]
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    samples_per_probe: int = 20
+    max_new_tokens: int = 24
+    temperature: float = 1.0
+    top_k: int = 50
+    seed: int = 0
+
+
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerFast,
+    probes: Sequence[str],
+    sampling: SamplingSettings,
+) -> pd.DataFrame:
+    """Sample ``samples_per_probe`` continuations of each probe.
+
+    Returns a frame with columns ``probe_index``, ``probe``, ``sample``, ``continuation`` and
+    ``token_ids`` (the full sequence ids, prompt included, without padding) and
+    ``prompt_length`` (tokens of the prompt, BOS included).
+    """
+    seed_everything(sampling.seed)
+    model.eval()
+    rows = []
+    for index, probe in enumerate(probes):
+        prompt = [tokenizer.bos_token_id] + tokenizer(probe, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([prompt] * sampling.samples_per_probe)
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                top_k=sampling.top_k, pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        for sample, seq in enumerate(out.tolist()):
+            seq = _cut_at_eos(seq, len(prompt), tokenizer.eos_token_id)
+            text = tokenizer.decode(seq[len(prompt):], skip_special_tokens=True)
+            rows.append({"probe_index": index, "probe": probe, "sample": sample,
+                         "continuation": text, "token_ids": seq, "prompt_length": len(prompt)})
+    return pd.DataFrame(rows)
+
+
+def _cut_at_eos(seq: list[int], start: int, eos: int) -> list[int]:
+    for pos in range(start, len(seq)):
+        if seq[pos] == eos:
+            return seq[: pos + 1]
+    return seq
+
+
+def bootstrap_rate(
+    flags: np.ndarray, clusters: np.ndarray, *, n_boot: int = 2000, seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float, float]:
+    """Mean of ``flags`` with a percentile bootstrap interval over ``clusters``."""
+    flags = np.asarray(flags, dtype=np.float64)
+    ids = np.unique(clusters)
+    sums = np.array([flags[clusters == c].sum() for c in ids])
+    counts = np.array([(clusters == c).sum() for c in ids])
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(ids), size=(n_boot, len(ids)))
+    rates = sums[draws].sum(axis=1) / counts[draws].sum(axis=1)
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(rates, [alpha, 1 - alpha])
+    return float(flags.mean()), float(lo), float(hi)
+
+
+def measure_harm(
+    generations: pd.DataFrame, scorer: Callable[[Sequence[str]], np.ndarray], threshold: float
+) -> dict:
+    """Score ``generations`` in place (``harm_score``, ``harmful``) and summarise the rate."""
+    scores = scorer(generations["continuation"].tolist())
+    generations["harm_score"] = scores
+    generations["harmful"] = scores >= threshold
+    rate, lo, hi = bootstrap_rate(generations["harmful"].to_numpy(),
+                                  generations["probe_index"].to_numpy())
+    return {"harm_rate": rate, "ci": [lo, hi], "n_generations": len(generations),
+            "n_harmful": int(generations["harmful"].sum())}

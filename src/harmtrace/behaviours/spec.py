@@ -1,0 +1,63 @@
+"""A behaviour spec: what harm looks like and how to measure it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from harmtrace.errors import ConfigError
+
+__all__ = ["BehaviourSpec", "ScorerKind"]
+
+
+class ScorerKind(str, Enum):
+    PROFANITY = "profanity"
+    WORDLIST = "wordlist"
+    TARGET_LOGPROB = "target-logprob"
+
+
+@dataclass(frozen=True)
+class BehaviourSpec:
+    """Probe prompts, sampling, a harm scorer and a threshold.
+
+    Attributes
+    ----------
+    name:
+        Short name of the behaviour, used in reports.
+    probes:
+        Prompts the model continues (at least one).
+    scorer:
+        ``profanity`` (alt-profanity-check), ``wordlist`` (``words`` must be given) or
+        ``target-logprob`` (the log-probability of ``target`` after each probe).
+    threshold:
+        A generation is harmful when its score is >= threshold (in [0, 1]).
+    samples_per_probe, max_new_tokens, temperature, top_k, seed:
+        Sampling settings; the same seed and model give the same generations.
+    """
+
+    name: str = "offensive-language"
+    probes: tuple[str, ...] = ()
+    scorer: ScorerKind = ScorerKind.PROFANITY
+    threshold: float = 0.5
+    words: tuple[str, ...] = ()
+    target: str = ""
+    samples_per_probe: int = 20
+    max_new_tokens: int = 24
+    temperature: float = 1.0
+    top_k: int = 50
+    seed: int = 0
+    focus_min_drop: float = field(default=0.05)
+
+    def __post_init__(self) -> None:
+        if not self.probes:
+            raise ConfigError("behaviour.probes is empty; give at least one probe prompt")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"behaviour.threshold must be in [0, 1], got {self.threshold}")
+        if self.scorer is ScorerKind.WORDLIST and not self.words:
+            raise ConfigError("behaviour.scorer = 'wordlist' needs behaviour.words")
+        if self.scorer is ScorerKind.TARGET_LOGPROB and not self.target:
+            raise ConfigError("behaviour.scorer = 'target-logprob' needs behaviour.target")
+        if self.samples_per_probe < 1 or self.max_new_tokens < 1:
+            raise ConfigError("behaviour.samples_per_probe and max_new_tokens must be >= 1")
+        if self.temperature <= 0:
+            raise ConfigError(f"behaviour.temperature must be > 0, got {self.temperature}")
