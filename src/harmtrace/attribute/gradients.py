@@ -61,8 +61,6 @@ def per_example_gradients(
     default every token after the first is a target. Row ``i`` of the result belongs to
     ``sequences[i]`` whatever the grouping used inside.
     """
-    was_training = model.training
-    model.eval()
     params = {n: p.detach() for n, p in model.named_parameters() if n in projector.names}
     if len(params) != len(projector.names):
         raise ConfigError("the projector was built for parameters this model does not have")
@@ -85,6 +83,10 @@ def per_example_gradients(
     for index, seq in enumerate(sequences):
         groups[len(seq)].append(index)
     out = torch.zeros(len(sequences), projector.dim)
+    # switch to eval mode only after every check that can raise, so the caller's mode is
+    # always restored
+    was_training = model.training
+    model.eval()
     try:
         for length in sorted(groups):
             members = groups[length]

@@ -55,5 +55,23 @@ def focus_tokens(
     if not focused:
         keep = np.ones(len(continuation), dtype=bool)
     mask = [False] * prompt_length + keep.tolist()
-    words = " ".join(tokenizer.decode([t]).strip() for t, k in zip(continuation, keep) if k)
+    words = _focus_words(tokenizer, continuation, keep.tolist())
     return FocusedQuery(tuple(token_ids), tuple(mask), words, focused)
+
+
+def _focus_words(
+    tokenizer: PreTrainedTokenizerFast, continuation: list[int], keep: list[bool]
+) -> str:
+    """Decode each run of consecutive kept tokens as one piece.
+
+    Decoding token by token would turn a word split into sub-word tokens ("id", "iot") into
+    separate fragments that no lexical query can match.
+    """
+    runs: list[list[int]] = [[]]
+    for token, kept in zip(continuation, keep, strict=True):
+        if kept:
+            runs[-1].append(token)
+        elif runs[-1]:
+            runs.append([])
+    pieces = (tokenizer.decode(run, skip_special_tokens=True).strip() for run in runs if run)
+    return " ".join(piece for piece in pieces if piece)

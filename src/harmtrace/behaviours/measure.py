@@ -17,7 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from harmtrace.seeding import seed_everything
 
-__all__ = ["Generation", "bootstrap_rate", "generate", "measure_harm"]
+__all__ = ["SamplingSettings", "bootstrap_rate", "generate", "measure_harm"]
 
 
 @dataclass(frozen=True)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 from harmtrace.errors import ConfigError
 
 __all__ = ["BehaviourSpec", "ScorerKind"]
 
 
-class ScorerKind(str, Enum):
+class ScorerKind(StrEnum):
     PROFANITY = "profanity"
     WORDLIST = "wordlist"
     TARGET_LOGPROB = "target-logprob"
@@ -49,6 +49,15 @@ class BehaviourSpec:
     focus_min_drop: float = field(default=0.05)
 
     def __post_init__(self) -> None:
+        # A plain string such as "wordlist" must become the enum, or the checks below that
+        # compare by identity would silently pass.
+        try:
+            object.__setattr__(self, "scorer", ScorerKind(self.scorer))
+        except ValueError:
+            allowed = ", ".join(repr(kind.value) for kind in ScorerKind)
+            raise ConfigError(
+                f"behaviour.scorer = {self.scorer!r} is unknown; use one of {allowed}"
+            ) from None
         if not self.probes:
             raise ConfigError("behaviour.probes is empty; give at least one probe prompt")
         if not 0.0 <= self.threshold <= 1.0:

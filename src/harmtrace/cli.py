@@ -1,0 +1,190 @@
+"""The ``harmtrace`` command line: parse, call the library, print, map errors to exit codes."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from harmtrace.errors import HarmtraceError
+
+__all__ = ["main"]
+
+console = Console(stderr=True)
+
+
+class ConsoleReporter:
+    """Prints stage headers, progress every ~10% and notes to standard error."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self._last: dict[str, int] = {}
+
+    def stage(self, name: str, message: str) -> None:
+        if not self.quiet:
+            console.print(f"[bold cyan]{name}[/] {message}")
+
+    def step(self, label: str, done: int, total: int) -> None:
+        tenth = done * 10 // max(total, 1)
+        if self.quiet or self._last.get(label) == tenth and done != total:
+            return
+        self._last[label] = tenth
+        console.print(f"  {label}: {done}/{total}", highlight=False)
+
+    def note(self, message: str) -> None:
+        if not self.quiet:
+            console.print(f"  {message}", highlight=False)
+
+
+def _pipeline(config: str, workspace: str | None, quiet: bool, force: bool = False):
+    from harmtrace.config import load_config
+    from harmtrace.pipeline import Pipeline
+
+    return Pipeline(load_config(config), workspace=workspace,
+                    reporter=ConsoleReporter(quiet), force=force)
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log at INFO level to standard error.")
+def cli(verbose: bool) -> None:
+    """Trace harmful behaviour of a model back to the training data that caused it."""
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+
+
+_config_arg = click.argument("config", type=click.Path(dir_okay=False))
+_ws_opt = click.option("--workspace", "-w", default=None,
+                       help="Workspace folder (default: the config's workspace.path).")
+_quiet_opt = click.option("--quiet", "-q", is_flag=True, help="No progress output.")
+_force_opt = click.option("--force", is_flag=True, help="Redo the stage even if up to date.")
+
+
+@cli.command()
+@_config_arg
+@_ws_opt
+@_quiet_opt
+@_force_opt
+def run(config: str, workspace: str | None, quiet: bool, force: bool) -> None:
+    """Run every stage of the pipeline described by CONFIG (a TOML file)."""
+    report = _pipeline(config, workspace, quiet, force).run()
+    click.echo(f"report: {report}")
+
+
+def _stage_command(name: str, help_text: str) -> None:
+    @cli.command(name=name, help=help_text)
+    @_config_arg
+    @_ws_opt
+    @_quiet_opt
+    @_force_opt
+    def command(config: str, workspace: str | None, quiet: bool, force: bool) -> None:
+        pipeline = _pipeline(config, workspace, quiet, force)
+        result = getattr(pipeline, name)()
+        if isinstance(result, Path):
+            click.echo(f"report: {result}")
+
+
+for _name, _help in [
+    ("ingest", "Read the sources into the database and create a dataset version."),
+    ("train", "Train the model (or register train.model_path) on the dataset version."),
+    ("measure", "Generate from the probes and measure the harm rate with a 95% CI."),
+    ("attribute", "Score training records against the harmful generations."),
+    ("evaluate", "Score attribution against hidden labels (evaluation.ground_truth)."),
+    ("verify", "Retrain without top-k and random-k records; test the difference."),
+    ("report", "Write report.html, report.md and summary.json."),
+]:
+    _stage_command(_name, _help)
+
+
+@cli.command()
+@click.option("--workspace", "-w", default="harmtrace-demo", show_default=True,
+              help="Folder for the demo's workspace.")
+@click.option("--size", type=click.Choice(["full", "small"]), default="full",
+              show_default=True, help="Scenario size when the public datasets are found.")
+@_quiet_opt
+def demo(workspace: str, size: str, quiet: bool) -> None:
+    """Run the offensive-tweets investigation end to end, offline."""
+    from harmtrace.config import load_config
+    from harmtrace.datasets import locate_data
+    from harmtrace.pipeline import Pipeline
+    from harmtrace.scenario.demo import prepare_demo
+
+    data_dir, where = locate_data()
+    console.print(f"[bold]data[/]: {where}")
+    scenario, config_path = prepare_demo(Path(workspace).resolve(), data_dir=data_dir,
+                                         size=size)
+    console.print(f"[bold]scenario[/]: {scenario.kind} ({scenario.description}); "
+                  f"config written to {config_path}")
+    pipeline = Pipeline(load_config(config_path), reporter=ConsoleReporter(quiet))
+    report = pipeline.run(scenario={"name": "offensive-tweets", "kind": scenario.kind,
+                                    "description": scenario.description})
+    click.echo(f"report: {report}")
+
+
+@cli.group()
+def ledger() -> None:
+    """Inspect and verify the workspace's ledger."""
+
+
+@ledger.command(name="verify")
+@click.option("--workspace", "-w", default="harmtrace-demo", show_default=True)
+@click.option("--database-url", default=None, help="Database URL (default: the workspace's).")
+def ledger_verify(workspace: str, database_url: str | None) -> None:
+    """Check the hash chain and the head anchor; exit 1 if anything was changed."""
+    from harmtrace.ledger import Ledger
+    from harmtrace.store import Database
+    from harmtrace.workspace import Workspace
+
+    ws = Workspace(Path(workspace), database_url=database_url)
+    report = Ledger(Database(ws.db_url), anchor_path=ws.root / "ledger-head.json").verify()
+    if report.ok:
+        click.echo(f"ledger ok: {report.n_entries} entries")
+        return
+    click.echo(f"ledger FAILED at entry {report.first_bad_seq}: {report.reason}")
+    sys.exit(1)
+
+
+@ledger.command(name="show")
+@click.option("--workspace", "-w", default="harmtrace-demo", show_default=True)
+def ledger_show(workspace: str) -> None:
+    """List the ledger's entries."""
+    from harmtrace.ledger import Ledger
+    from harmtrace.store import Database
+    from harmtrace.workspace import Workspace
+
+    ws = Workspace(Path(workspace))
+    for e in Ledger(Database(ws.db_url)).entries():
+        click.echo(f"{e.seq:4d} {e.time} {e.actor:10s} {e.stage:12s} {e.entry_hash[:16]}")
+
+
+@cli.group()
+def data() -> None:
+    """Public datasets for the demo."""
+
+
+@data.command(name="fetch")
+@click.option("--dest", default=None, help="Target folder (default: the user cache).")
+def data_fetch(dest: str | None) -> None:
+    """Download the demo's public datasets and check their SHA-256 checksums."""
+    from harmtrace.datasets import fetch_all
+
+    folder = fetch_all(Path(dest) if dest else None, progress=click.echo)
+    click.echo(f"datasets in {folder}; set HARMTRACE_DATA_DIR={folder} or run `harmtrace demo`")
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except HarmtraceError as err:
+        click.echo(f"{type(err).__name__}: {err}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted; rerun the same command to resume", err=True)
+        sys.exit(130)

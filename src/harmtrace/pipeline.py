@@ -1,0 +1,578 @@
+"""The investigation pipeline: ingest, train, measure, attribute, evaluate, verify, report.
+
+Each stage reads the artifacts of the stages before it, writes its own named artifact in
+the workspace (see :mod:`harmtrace.workspace`) and appends an entry to the ledger. A stage
+whose artifact was made from the same settings and inputs is skipped and says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from harmtrace import __version__
+from harmtrace._logging import get_logger
+from harmtrace.attribute.methods import METHODS, AttributionInputs, compute_scores
+from harmtrace.attribute.rollup import agreement, auprc, records_frame, rollup_sources, top_k
+from harmtrace.behaviours.focus import focus_tokens
+from harmtrace.behaviours.measure import SamplingSettings, generate, measure_harm
+from harmtrace.behaviours.scorers import make_scorer
+from harmtrace.behaviours.spec import ScorerKind
+from harmtrace.config import PipelineConfig
+from harmtrace.errors import ArtifactError, ConfigError, InputDataError
+from harmtrace.hashing import sha256_file, sha256_json
+from harmtrace.ingest import ingest as ingest_sources
+from harmtrace.ingest import read_source
+from harmtrace.ledger import Ledger
+from harmtrace.models.lm import encode_texts, mean_token_nll, train_lm
+from harmtrace.models.tokenizer import load_tokenizer, train_tokenizer
+from harmtrace.progress import LogReporter, Reporter
+from harmtrace.report import write_report
+from harmtrace.store import Checkpoint, Database, ModelInfo
+from harmtrace.verify.experiment import Condition, run_condition
+from harmtrace.verify.stats import compare_removals
+from harmtrace.workspace import Workspace, atomic_write_json
+
+__all__ = ["Pipeline", "STAGES"]
+
+log = get_logger(__name__)
+
+STAGES = ("ingest", "train", "measure", "attribute", "evaluate", "verify", "report")
+
+
+def _settings(obj: Any) -> dict:
+    return json.loads(json.dumps(asdict(obj), default=str))
+
+
+class Pipeline:
+    """Runs the stages of one investigation described by a :class:`PipelineConfig`."""
+
+    def __init__(self, config: PipelineConfig, *, workspace: str | Path | None = None,
+                 reporter: Reporter | None = None, force: bool = False) -> None:
+        self.config = config
+        self.ws = Workspace(Path(workspace or config.workspace),
+                            database_url=config.database_url or None)
+        self.db = Database(self.ws.db_url)
+        self.db.create_all()
+        self.ledger = Ledger(self.db, anchor_path=self.ws.root / "ledger-head.json")
+        self.reporter = reporter or LogReporter()
+        self.force = force
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _skip(self, name: str, identity: dict) -> bool:
+        if not self.force and self.ws.is_current(name, identity):
+            self.reporter.stage(name, "up to date, skipped (same settings and inputs)")
+            return True
+        return False
+
+    def _read(self, name: str, file: str, stage: str) -> Any:
+        folder = self.ws.require(name, stage_hint=stage)
+        return json.loads((folder / file).read_text(encoding="utf-8"))
+
+    def _append(self, stage: str, settings: dict, inputs: dict, outputs: dict) -> None:
+        self.ledger.append(stage=stage, settings=settings, inputs=inputs, outputs=outputs)
+
+    # -- ingest --------------------------------------------------------------------------
+
+    def ingest(self) -> str:
+        """Read every source, store records, create the dataset version; returns its id."""
+        specs = [_settings(s) for s in self.config.sources]
+        files = {s.name: sha256_file(s.path) if Path(s.path).exists() else "missing"
+                 for s in self.config.sources}
+        identity = {"sources": specs, "files": files}
+        if self._skip("ingest", identity):
+            return self._read("ingest", "ingest.json", "ingest")["version_id"]
+        self.reporter.stage("ingest", f"reading {len(specs)} sources")
+        result = ingest_sources(self.db, list(self.config.sources), ledger=self.ledger)
+        with self.ws.writing("ingest", identity) as out:
+            atomic_write_json(out / "ingest.json", {"version_id": result.version_id,
+                                                    "n_records": result.n_records,
+                                                    "per_source": result.per_source})
+        self.reporter.note(f"dataset version {result.version_id[:12]}: "
+                           f"{result.n_records} records {result.per_source}")
+        return result.version_id
+
+    def _records(self):
+        version = self._read("ingest", "ingest.json", "ingest")["version_id"]
+        return version, self.db.version_records(version)
+
+    # -- train ---------------------------------------------------------------------------
+
+    def train(self) -> str:
+        """Train (or load) the model on the current dataset version; returns the model id."""
+        version, records = self._records()
+        train = self.config.train
+        identity = {"version": version, "train": _settings(train)}
+        if self._skip("model", identity):
+            return self._read("model", "model.json", "train")["model_id"]
+        if train.model_path:
+            return self._register_existing(version, identity)
+        self.reporter.stage("train", f"training on {len(records)} records")
+        with self.ws.writing("model", identity) as out:
+            tokenizer = train_tokenizer([r.text for r in records],
+                                        vocab_size=train.lm.vocab_size)
+            tokenizer.save_pretrained(str(out / "tokenizer"))
+            seqs = encode_texts(tokenizer, [r.text for r in records],
+                                max_length=train.lm.max_length)
+            trained = train_lm(seqs, tokenizer, train.lm, seed=train.seed, out_dir=out,
+                               on_step=lambda d, t, _: self.reporter.step("train", d, t))
+            checkpoints = [dataclasses.replace(c, path=Path(c.path).name)
+                           for c in trained.checkpoints]
+            model_id = sha256_json({"identity": identity,
+                                    "checkpoints": [c.sha256 for c in checkpoints]})[:16]
+            atomic_write_json(out / "model.json", {
+                "model_id": model_id, "checkpoints": [asdict(c) for c in checkpoints],
+                "final_loss": trained.losses[-1], "n_params": _n_params(trained.model),
+            })
+        self.db.register_model(ModelInfo(
+            model_id=model_id, dataset_version=version, config=_settings(train),
+            checkpoints=tuple(Checkpoint(c.step, c.path, c.sha256) for c in checkpoints)))
+        self._append("train", _settings(train), {"dataset_version": version},
+                     {"model_id": model_id, "checkpoints": [c.sha256 for c in checkpoints]})
+        self.reporter.note(f"model {model_id}: final training loss {trained.losses[-1]:.3f}")
+        return model_id
+
+    def _register_existing(self, version: str, identity: dict) -> str:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = Path(self.config.train.model_path)
+        if not path.is_dir():
+            raise ConfigError(f"train.model_path = {path} is not a model folder")
+        model = AutoModelForCausalLM.from_pretrained(str(path))
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        weights = sorted(path.glob("*.safetensors"))
+        digest = sha256_file(weights[0]) if weights else sha256_json(str(path))
+        model_id = sha256_json({"identity": identity, "weights": digest})[:16]
+        with self.ws.writing("model", identity) as out:
+            tokenizer.save_pretrained(str(out / "tokenizer"))
+            model.save_pretrained(str(out / "checkpoint-final"), safe_serialization=True)
+            atomic_write_json(out / "model.json", {
+                "model_id": model_id, "base_model": str(path), "n_params": _n_params(model),
+                "checkpoints": [{"step": 0, "path": "checkpoint-final", "sha256": digest,
+                                 "learning_rate": 1.0}]})
+        self.db.register_model(ModelInfo(model_id=model_id, dataset_version=version,
+                                         base_model=str(path), config={"model_path": str(path)},
+                                         checkpoints=(Checkpoint(0, "checkpoint-final",
+                                                                 digest),)))
+        self._append("train", {"model_path": str(path)}, {"dataset_version": version},
+                     {"model_id": model_id})
+        return model_id
+
+    def _load_models(self) -> tuple[Any, list[tuple[Any, float]], dict]:
+        from transformers import AutoModelForCausalLM
+
+        folder = self.ws.require("model", stage_hint="train")
+        info = json.loads((folder / "model.json").read_text(encoding="utf-8"))
+        tokenizer = load_tokenizer(folder / "tokenizer")
+        models = []
+        for c in info["checkpoints"]:
+            model = AutoModelForCausalLM.from_pretrained(str(folder / c["path"]),
+                                                         attn_implementation="eager")
+            models.append((model.eval(), float(c["learning_rate"])))
+        return tokenizer, models, info
+
+    # -- measure -------------------------------------------------------------------------
+
+    def _scorer(self):
+        spec = self.config.behaviour
+        return make_scorer(spec.scorer.value, words=spec.words)
+
+    def _sampling(self) -> SamplingSettings:
+        b = self.config.behaviour
+        return SamplingSettings(samples_per_probe=b.samples_per_probe,
+                                max_new_tokens=b.max_new_tokens, temperature=b.temperature,
+                                top_k=b.top_k, seed=b.seed)
+
+    def measure(self) -> dict:
+        """Generate from the probes, score, and estimate the harm rate with a 95% CI."""
+        model_id = self._read("model", "model.json", "train")["model_id"]
+        spec = self.config.behaviour
+        identity = {"model": model_id, "behaviour": _settings(spec)}
+        if self._skip("measure", identity):
+            return self._read("measure", "harm.json", "measure")
+        if spec.scorer is ScorerKind.TARGET_LOGPROB:
+            raise ConfigError("behaviour.scorer = 'target-logprob' is measured by "
+                              "`harmtrace attribute` only in this version; use 'profanity' "
+                              "or 'wordlist' for a harm rate")
+        tokenizer, models, _ = self._load_models()
+        n = len(spec.probes) * spec.samples_per_probe
+        self.reporter.stage("measure", f"sampling {n} generations from {len(spec.probes)} probes")
+        generations = generate(models[-1][0], tokenizer, spec.probes, self._sampling())
+        harm = measure_harm(generations, self._scorer(), spec.threshold)
+        harm["examples"] = generations.loc[generations["harmful"], "continuation"].head(8).tolist()
+        with self.ws.writing("measure", identity) as out:
+            generations.to_parquet(out / "generations.parquet")
+            atomic_write_json(out / "harm.json", harm)
+        self._append("measure", _settings(spec), {"model_id": model_id},
+                     {"harm_rate": harm["harm_rate"], "ci": harm["ci"],
+                      "generations": sha256_file(
+                          self.ws.artifact_dir("measure") / "generations.parquet")})
+        self.reporter.note(f"harm rate {harm['harm_rate']:.3f} (95% CI {harm['ci'][0]:.3f}-"
+                           f"{harm['ci'][1]:.3f}), {harm['n_harmful']} harmful generations")
+        return harm
+
+    # -- attribute -----------------------------------------------------------------------
+
+    def _train_sequences(self, tokenizer, records) -> list[list[int]]:
+        return encode_texts(tokenizer, [r.text for r in records],
+                            max_length=self.config.train.lm.max_length)
+
+    def attribute(self) -> dict:
+        """Score every train record against the harmful generations, per method."""
+        version, records = self._records()
+        model_id = self._read("model", "model.json", "train")["model_id"]
+        measure_dir = self.ws.require("measure", stage_hint="measure")
+        gens_digest = sha256_file(measure_dir / "generations.parquet")
+        settings = self.config.attribute
+        identity = {"model": model_id, "generations": gens_digest, "version": version,
+                    "attribute": _settings(settings)}
+        if self._skip("attribute", identity):
+            return self._read("attribute", "attribution.json", "attribute")
+        generations = pd.read_parquet(measure_dir / "generations.parquet")
+        harmful = generations[generations["harmful"]]
+        if harmful.empty:
+            raise ArtifactError(
+                "no generation reached behaviour.threshold, so there is nothing to attribute; "
+                "lower behaviour.threshold or raise behaviour.samples_per_probe"
+            )
+        tokenizer, models, _ = self._load_models()
+        self.reporter.stage("attribute", f"{len(harmful)} harmful generations x "
+                            f"{len(records)} records, methods {', '.join(settings.methods)}")
+        scorer = self._scorer()
+        queries = [focus_tokens(list(row.token_ids), int(row.prompt_length), tokenizer, scorer,
+                                min_drop=self.config.behaviour.focus_min_drop)
+                   for row in harmful.itertuples()]
+        inputs = AttributionInputs(
+            train_sequences=self._train_sequences(tokenizer, records),
+            train_texts=[r.text for r in records], queries=queries, checkpoints=models,
+            projection_dim=settings.projection_dim, seed=settings.seed,
+            batch_size=settings.batch_size, parameters=settings.parameters,
+            progress=self.reporter.step,
+        )
+        all_scores = {m: compute_scores(m, inputs) for m in settings.methods}
+        k = settings.k_records(len(records))
+        sources = [r.source for r in records]
+        summary = {
+            "k": k, "n_queries": len(queries), "n_train": len(records),
+            "sign": "positive = the record made the harmful tokens more likely",
+            "methods": {m: {"description": METHODS[m][1],
+                            "sources": rollup_sources(s, sources, k=k, seed=settings.seed)}
+                        for m, s in all_scores.items()},
+            "agreement": agreement(all_scores, k=k),
+            "settings": _settings(settings),
+            "projection_dim_used": inputs.features(0)[0].shape[1] if inputs._features else None,
+            "tokenizer": {"bos": tokenizer.bos_token, "eos": tokenizer.eos_token,
+                          "max_length": self.config.train.lm.max_length},
+            "focused_queries": int(sum(q.focused for q in queries)),
+        }
+        summary["reliability"] = _reliability(summary)
+        frame = records_frame([r.record_id for r in records], sources,
+                              [r.text for r in records], all_scores)
+        with self.ws.writing("attribute", identity) as out:
+            for m, s in all_scores.items():
+                np.save(out / f"scores-{m}.npy", s.astype(np.float32))
+            frame.drop(columns=["text"]).to_parquet(out / "records.parquet")
+            pd.DataFrame({"words": [q.words for q in queries],
+                          "focused": [q.focused for q in queries]}).to_parquet(
+                out / "queries.parquet")
+            atomic_write_json(out / "attribution.json", summary)
+        digests = {m: sha256_file(self.ws.artifact_dir("attribute") / f"scores-{m}.npy")
+                   for m in all_scores}
+        self._append("attribute", _settings(settings),
+                     {"model_id": model_id, "generations": gens_digest},
+                     {"score_files": digests})
+        for m in settings.methods:
+            top = summary["methods"][m]["sources"][0]
+            self.reporter.note(f"{m}: top source {top['source']} (score {top['score']:.4g})")
+        return summary
+
+    def _scores(self) -> dict[str, np.ndarray]:
+        folder = self.ws.require("attribute", stage_hint="attribute")
+        return {p.stem.removeprefix("scores-"): np.load(p).astype(np.float64)
+                for p in sorted(folder.glob("scores-*.npy"))}
+
+    # -- evaluate (hidden labels) --------------------------------------------------------
+
+    def _labels(self, records) -> list[int] | None:
+        path = self.config.evaluation.ground_truth
+        if not path:
+            return None
+        truth = {}
+        with open(path, encoding="utf-8") as handle:
+            for line_no, line in enumerate(handle, 1):
+                try:
+                    row = json.loads(line)
+                    truth[(row["source"], row["content_hash"])] = int(row["offensive"])
+                except (json.JSONDecodeError, KeyError, ValueError) as err:
+                    raise InputDataError(
+                        f"{path}, line {line_no}: expected an object with source, "
+                        f"content_hash and offensive ({err})") from err
+        return [truth.get((r.source, r.content_hash), 0) for r in records]
+
+    def evaluate(self) -> dict | None:
+        """AUPRC of each method against hidden labels, and the scorer's floor."""
+        version, records = self._records()
+        labels = self._labels(records)
+        if labels is None:
+            self.reporter.stage("evaluate", "no evaluation.ground_truth given, skipped")
+            return None
+        scores = self._scores()
+        model_id = self._read("model", "model.json", "train")["model_id"]
+        identity = {"version": version, "model": model_id, "labels": sha256_json(labels),
+                    "scores": {m: sha256_json(s.mean(axis=0).round(8).tolist())
+                               for m, s in scores.items()},
+                    "floor": self.config.evaluation.floor,
+                    "behaviour": _settings(self.config.behaviour)}
+        if self._skip("evaluate", identity):
+            return self._read("evaluate", "evaluation.json", "evaluate")
+        self.reporter.stage("evaluate", f"{sum(labels)} labelled records of {len(labels)}")
+        result = {"base_rate": float(np.mean(labels)), "n_labelled": int(sum(labels)),
+                  "auprc": {m: auprc(s, labels) for m, s in scores.items()}}
+        if self.config.evaluation.floor:
+            result["floor"] = self._floor(records, labels)
+        with self.ws.writing("evaluate", identity) as out:
+            atomic_write_json(out / "evaluation.json", result)
+        self._append("evaluate", {"ground_truth": self.config.evaluation.ground_truth},
+                     {"model_id": model_id}, {"auprc": result["auprc"],
+                                              "floor": result.get("floor")})
+        for m, v in result["auprc"].items():
+            self.reporter.note(f"AUPRC {m}: {v:.3f} (base rate {result['base_rate']:.3f})")
+        return result
+
+    def _floor(self, records, labels) -> dict:
+        """Harm rate of a model trained without any labelled record: the scorer's floor."""
+        tokenizer, _, _ = self._load_models()
+        keep = [s for s, y in zip(self._train_sequences(tokenizer, records), labels) if not y]
+        self.reporter.note(f"training the floor model on {len(keep)} unlabelled records")
+        model = train_lm(keep, tokenizer, self.config.train.lm, seed=self.config.train.seed).model
+        generations = generate(model, tokenizer, self.config.behaviour.probes, self._sampling())
+        harm = measure_harm(generations, self._scorer(), self.config.behaviour.threshold)
+        return {"harm_rate": harm["harm_rate"], "ci": harm["ci"],
+                "description": "model trained without the labelled records, same seed"}
+
+    # -- verify --------------------------------------------------------------------------
+
+    def _heldout(self, tokenizer) -> list[list[int]]:
+        path = self.config.heldout
+        if not path:
+            return []
+        from harmtrace.ingest import SourceSpec
+
+        spec = SourceSpec(name="heldout", path=path, format="jsonl",
+                          text_field=self.config.heldout_field, on_duplicate="keep-first")
+        texts = [r.text for r in read_source(spec)]
+        return encode_texts(tokenizer, texts, max_length=self.config.train.lm.max_length)
+
+    def verify(self) -> dict | None:
+        """Retrain without each method's top-k and without random k; compare harm rates."""
+        settings = self.config.verify
+        if not settings.enabled:
+            self.reporter.stage("verify", "verify.enabled = false, skipped")
+            return None
+        version, records = self._records()
+        scores = self._scores()
+        missing = [m for m in settings.methods if m not in scores]
+        if missing:
+            raise ConfigError(f"verify.methods {missing} were not run by `harmtrace attribute`;"
+                              f" add them to attribute.methods")
+        k = self.config.attribute.k_records(len(records))
+        tops = {m: tuple(sorted(top_k(scores[m], k).tolist())) for m in settings.methods}
+        model_id = self._read("model", "model.json", "train")["model_id"]
+        identity = {"version": version, "model": model_id, "tops": sha256_json(tops),
+                    "verify": _settings(settings), "behaviour": _settings(self.config.behaviour),
+                    "train": _settings(self.config.train), "heldout": self.config.heldout}
+        if self._skip("verify", identity):
+            return self._read("verify", "verification.json", "verify")
+        conditions = [Condition(f"top-{m}", tops[m], k) for m in settings.methods]
+        conditions.append(Condition("random", None, k))
+        self._append("verify-plan", _settings(settings), {"model_id": model_id},
+                     {"conditions": [c.name for c in conditions], "k": k,
+                      "tops": sha256_json(tops)})
+        result = self._run_conditions(conditions, identity, k)
+        with self.ws.writing("verify", identity) as out:
+            atomic_write_json(out / "verification.json", result)
+        self._append("verify", _settings(settings), {"model_id": model_id},
+                     {m: {"effect": r["effect"], "p_value": r["p_value"]}
+                      for m, r in result["comparisons"].items()})
+        return result
+
+    def _run_conditions(self, conditions: list[Condition], identity: dict, k: int) -> dict:
+        tokenizer, models, _ = self._load_models()
+        _, records = self._records()
+        sequences = self._train_sequences(tokenizer, records)
+        heldout = self._heldout(tokenizer)
+        runs_dir = self.ws.artifacts / "verify-runs" / sha256_json(identity)[:16]
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        seeds = self.config.verify.seeds
+        total, done = len(conditions) * len(seeds), 0
+        self.reporter.stage("verify", f"{total} training runs: {len(conditions)} conditions x "
+                            f"{len(seeds)} seeds, k = {k}")
+        runs: dict[str, list] = {}
+        for condition in conditions:
+            for seed in seeds:
+                started = time.perf_counter()
+                run = run_condition(condition, seed, sequences=sequences,
+                                    heldout=heldout or sequences[:1], tokenizer=tokenizer,
+                                    lm=self.config.train.lm, behaviour=self.config.behaviour,
+                                    scorer=self._scorer(), runs_dir=runs_dir)
+                runs.setdefault(condition.name, []).append(asdict(run))
+                done += 1
+                self.reporter.note(f"run {done}/{total} {condition.name} seed {seed}: harm "
+                                   f"{run.harm_rate:.3f}, perplexity {run.perplexity:.1f} "
+                                   f"({time.perf_counter() - started:.0f} s)")
+        full_ppl = (float(np.exp(mean_token_nll(models[-1][0], heldout,
+                                                tokenizer.pad_token_id)))
+                    if heldout else None)
+        return _summarise_runs(runs, k, self.config.verify.alpha, full_ppl, bool(heldout))
+
+    # -- report --------------------------------------------------------------------------
+
+    def report(self, *, scenario: dict | None = None) -> Path:
+        """Write report.html, report.md and summary.json; returns the HTML path."""
+        summary, top = self.summary(scenario=scenario)
+        identity = {"summary": sha256_json(summary)}
+        with self.ws.writing("report", identity) as out:
+            paths = write_report(summary, out, top_records=top,
+                                 max_records=self.config.top_records)
+        final = self.ws.artifact_dir("report") / paths.html.name
+        self._append("report", {}, {"summary": identity["summary"]},
+                     {"report": sha256_file(final)})
+        return final
+
+    def summary(self, *, scenario: dict | None = None) -> tuple[dict, pd.DataFrame | None]:
+        """The machine-readable summary of every finished stage, and the top records."""
+        version, records = self._records()
+        model = self._read("model", "model.json", "train")
+        harm = self._read("measure", "harm.json", "measure")
+        spec = self.config.behaviour
+        summary: dict[str, Any] = {
+            "harmtrace_version": __version__,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "scenario": scenario or {"name": Path(self.config.source_file).stem,
+                                     "kind": "user", "description": ""},
+            "dataset": {"version": version, "n_records": len(records),
+                        "sources": [{"name": s.name, "n_records": s.n_records,
+                                     "origin": s.origin, "licence": s.licence}
+                                    for s in self.db.get_sources()]},
+            "model": {"model_id": model["model_id"], "n_params": model["n_params"],
+                      "checkpoints": [c["step"] for c in model["checkpoints"]]},
+            "behaviour": {"name": spec.name, "scorer": spec.scorer.value,
+                          "threshold": spec.threshold, "n_probes": len(spec.probes),
+                          "n_samples": spec.samples_per_probe, "harm_rate": harm["harm_rate"],
+                          "ci": harm["ci"], "floor": None, "examples": harm["examples"]},
+            "caveats": list(_CAVEATS),
+        }
+        top = None
+        if self.ws.read_meta("attribute") is not None:
+            attribution = self._read("attribute", "attribution.json", "attribute")
+            summary["attribution"] = attribution
+            top = self._top_records(records, attribution["k"])
+        evaluation = self.ws.read_meta("evaluate") and self._read(
+            "evaluate", "evaluation.json", "evaluate")
+        if evaluation and "attribution" in summary:
+            for m, value in evaluation["auprc"].items():
+                summary["attribution"]["methods"][m]["auprc"] = value
+                summary["attribution"]["methods"][m]["auprc_random"] = evaluation["base_rate"]
+            summary["behaviour"]["floor"] = evaluation.get("floor")
+        if self.ws.read_meta("verify") is not None:
+            summary["verification"] = self._read("verify", "verification.json", "verify")
+        entries = self.ledger.entries()
+        summary["ledger"] = {"n_entries": len(entries),
+                             "head": entries[-1].entry_hash if entries else ""}
+        return summary, top
+
+    def _top_records(self, records, k: int) -> pd.DataFrame:
+        frame = pd.read_parquet(self.ws.artifact_dir("attribute") / "records.parquet")
+        frame["text"] = [r.text for r in records]
+        methods = [c for c in frame.columns if c not in ("record_id", "source", "text")]
+        ranks = sum(frame[m].rank(ascending=False) for m in methods) / len(methods)
+        frame = frame.assign(mean_rank=ranks).sort_values("mean_rank").head(
+            self.config.top_records)
+        frame.insert(0, "rank", range(1, len(frame) + 1))
+        return frame.drop(columns=["mean_rank"]).reset_index(drop=True)
+
+    # -- everything ----------------------------------------------------------------------
+
+    def run(self, *, scenario: dict | None = None) -> Path:
+        """Run every stage in order; returns the path of the HTML report."""
+        self.ws.clean_partial()
+        self.ingest()
+        self.train()
+        self.measure()
+        self.attribute()
+        self.evaluate()
+        self.verify()
+        return self.report(scenario=scenario)
+
+
+_CAVEATS = (
+    "Attribution scores are first-order estimates; only the removal experiments test "
+    "causation, and only for the methods and k that were run.",
+    "The harm scorer (alt-profanity-check) is itself a model with false positives: its floor "
+    "is the rate it reports for a model that never saw offensive data.",
+    "Gradient methods use a random projection; scores carry projection noise that shrinks "
+    "with attribute.projection_dim.",
+    "Retraining keeps the tokenizer of the full data fixed, so only the model's training "
+    "records change between conditions.",
+)
+
+
+def _n_params(model: torch.nn.Module) -> int:
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def _reliability(summary: dict) -> str:
+    tops = {m: v["sources"][0]["source"] for m, v in summary["methods"].items()}
+    low = [a for a in summary["agreement"] if a["topk_overlap"] < 0.2]
+    if len(set(tops.values())) > 1:
+        return (f"methods disagree on the top source ({tops}); trust only what the removal "
+                "experiments confirm")
+    if low:
+        return ("methods agree on the top source but share little of their top-k records; "
+                "record-level rankings are uncertain")
+    return "methods agree on the top source and overlap in their top-k records"
+
+
+def _summarise_runs(runs: dict[str, list], k: int, alpha: float, full_ppl: float | None,
+                    has_heldout: bool) -> dict:
+    conditions = {}
+    for name, items in runs.items():
+        rates = [r["harm_rate"] for r in items]
+        ppl = [r["perplexity"] for r in items]
+        lo, hi = _mean_ci(rates)
+        conditions[name] = {"harm_rates": rates, "mean": float(np.mean(rates)), "ci": [lo, hi],
+                            "perplexity": ppl if has_heldout else [],
+                            "perplexity_mean": float(np.mean(ppl)) if has_heldout else None,
+                            "seeds": [r["seed"] for r in items]}
+    control = conditions["random"]
+    comparisons = {}
+    for name, cond in conditions.items():
+        if name == "random":
+            continue
+        stats = compare_removals(cond["harm_rates"], control["harm_rates"], alpha=alpha)
+        if has_heldout:
+            stats["utility_change"] = (cond["perplexity_mean"] - control["perplexity_mean"]) \
+                / control["perplexity_mean"]
+        comparisons[name.removeprefix("top-")] = stats
+    return {"k": k, "seeds": control["seeds"], "conditions": conditions,
+            "comparisons": comparisons, "full_perplexity": full_ppl, "alpha": alpha}
+
+
+def _mean_ci(values: list[float]) -> tuple[float, float]:
+    from scipy import stats
+
+    arr = np.asarray(values, dtype=np.float64)
+    if len(arr) < 2 or np.ptp(arr) == 0:
+        return float(arr.mean()), float(arr.mean())
+    lo, hi = stats.t.interval(0.95, len(arr) - 1, loc=arr.mean(), scale=stats.sem(arr))
+    return float(lo), float(hi)
