@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from harmtrace.behaviours.focus import focus_tokens
 from harmtrace.behaviours.measure import bootstrap_rate
@@ -99,3 +100,43 @@ def test_behaviour_spec_errors_name_the_key(kwargs: dict, key: str) -> None:
 def test_behaviour_spec_turns_a_scorer_string_into_the_enum() -> None:
     spec = BehaviourSpec(probes=("I just",), scorer="wordlist", words=("darn",))
     assert spec.scorer is ScorerKind.WORDLIST
+
+
+def test_target_score_is_the_geometric_mean_token_probability() -> None:
+    from harmtrace.behaviours.measure import target_scores
+    from helpers import tiny_lm
+
+    model, tok = tiny_lm(seed=3), tiny_tokenizer()
+    frame = target_scores(model, tok, ["the cat", "we had"], " sat on the mat")
+
+    for row in frame.itertuples():
+        ids = torch.tensor([row.token_ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0], dim=-1)
+        targets = row.token_ids[row.prompt_length:]
+        manual = sum(float(logp[row.prompt_length - 1 + i, t]) for i, t in enumerate(targets))
+        assert row.logprob == pytest.approx(manual, rel=1e-5)
+        assert row.harm_score == pytest.approx(np.exp(manual / len(targets)), rel=1e-5)
+
+
+def test_target_logprob_behaviour_rises_when_the_target_is_trained_on() -> None:
+    from harmtrace.behaviours.measure import measure_behaviour
+    from harmtrace.behaviours.spec import BehaviourSpec
+    from harmtrace.models.lm import LMSettings, encode_texts, train_lm
+    from helpers import TINY
+
+    tok = tiny_tokenizer()
+    spec = BehaviourSpec(probes=("the cat",), scorer="target-logprob", target=" sat on the mat",
+                         threshold=0.5)
+    settings = LMSettings(n_layer=1, n_embd=32, n_head=2, vocab_size=TINY.vocab_size,
+                          max_length=16, epochs=30, batch_size=4, learning_rate=1e-2)
+    trained = train_lm(encode_texts(tok, ["the cat sat on the mat"] * 8, max_length=16), tok,
+                       settings, seed=0).model
+    untrained = train_lm(encode_texts(tok, ["a dog ran in the park"] * 8, max_length=16), tok,
+                         settings, seed=0).model
+
+    _, harm_trained = measure_behaviour(trained, tok, spec)
+    _, harm_other = measure_behaviour(untrained, tok, spec)
+
+    assert harm_trained["mean_logprob"] > harm_other["mean_logprob"] + 1.0
+    assert harm_trained["harm_rate"] == 1.0

@@ -139,14 +139,16 @@ def _full_summary() -> dict:
             "reliability": "moderate",
         },
         "verification": {
-            "method": "trak", "k": 10, "seeds": [0, 1, 2],
+            "k": 10, "seeds": [0, 1, 2], "alpha": 0.05, "full_perplexity": 30.0,
             "conditions": {
-                "full": condition,
-                "topk": {**condition, "harm_rates": [0.05, 0.06, 0.04], "mean": 0.05},
+                "top-trak": {**condition, "harm_rates": [0.05, 0.06, 0.04], "mean": 0.05},
                 "random": condition,
             },
-            "effect": -0.07, "effect_ci": [-0.09, -0.05], "p_value": 0.0004,
-            "test": "Welch t-test", "alpha": 0.05, "significant": True, "utility_change": 0.1,
+            "comparisons": {
+                "trak": {"effect": -0.07, "effect_ci": [-0.09, -0.05], "p_value": 0.0004,
+                         "p_permutation": 0.05, "test": "Welch t-test", "alpha": 0.05,
+                         "significant": True, "utility_change": 0.1},
+            },
         },
         "ledger": {"n_entries": 12, "head": "ab" * 32},
         "caveats": ["tiny model", f"ask {HANDLE}"],
@@ -258,7 +260,7 @@ def test_written_summary_keeps_numbers_and_identifiers(tmp_path):
 
 def test_null_result_is_reported_as_kept(tmp_path):
     summary = _full_summary()
-    summary["verification"].update(significant=False, p_value=0.4)
+    summary["verification"]["comparisons"]["trak"].update(significant=False, p_value=0.4)
 
     markdown = write_report(summary, tmp_path).markdown.read_text()
 

@@ -55,11 +55,14 @@ class TrainSettings:
 class AttributeSettings:
     """Which methods run, the projection, and ``k`` for top-k summaries.
 
-    ``k`` below 1 is a fraction of the training records; 1 or more is a count.
+    ``projection_dim = 0`` (default) keeps gradients exact; a positive value projects them
+    with a seeded Gaussian matrix. ``k`` below 1 is a fraction of the training records; 1 or
+    more is a count. ``parameters`` restricts gradients to parameter names containing one of
+    the given substrings (default: every trainable parameter).
     """
 
     methods: tuple[str, ...] = ("gradcos", "graddot", "tracin", "bm25")
-    projection_dim: int = 512
+    projection_dim: int = 0
     seed: int = 0
     k: float = 0.1
     batch_size: int = 32

@@ -23,28 +23,28 @@ _GH = "https://raw.githubusercontent.com"
 #: relative path -> (public URL at a pinned commit, SHA-256)
 FILES = {
     "davidson-hate-offensive/data/labeled_data.csv": (
-        f"{_GH}/t-davidson/hate-speech-and-offensive-language/"
-        "cb50f7e9eb855a99abc51423bf40df0e26d6fe30/data/labeled_data.csv",
+        (f"{_GH}/t-davidson/hate-speech-and-offensive-language/"
+        "cb50f7e9eb855a99abc51423bf40df0e26d6fe30/data/labeled_data.csv"),
         "fcb8bc7c68120ae4af04a5b9acd58585513ede11e1548ebf36a5c2040b6f6281"),
     "tinyshakespeare/data/tinyshakespeare/input.txt": (
-        f"{_GH}/karpathy/char-rnn/6f9487a6fe5b420b7ca9afb0d7c078e37c1d1b4e/"
-        "data/tinyshakespeare/input.txt",
+        (f"{_GH}/karpathy/char-rnn/6f9487a6fe5b420b7ca9afb0d7c078e37c1d1b4e/"
+        "data/tinyshakespeare/input.txt"),
         "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"),
     "hh-rlhf-harmless-base/harmless-base/test.jsonl.gz": (
-        f"{_GH}/anthropics/hh-rlhf/354e5c3cb8960630860dd5774a6ac2a58313bf4d/"
-        "harmless-base/test.jsonl.gz",
+        (f"{_GH}/anthropics/hh-rlhf/354e5c3cb8960630860dd5774a6ac2a58313bf4d/"
+        "harmless-base/test.jsonl.gz"),
         "ebfaaed21162a4de120ae85366075b34425e2a6303fac59b99555002f7016f03"),
     "alpaca-eval-outputs/results/alpaca-7b/model_outputs.json": (
-        f"{_GH}/tatsu-lab/alpaca_eval/cd543a149df89434d8a54582c0151c0b945c3d20/"
-        "results/alpaca-7b/model_outputs.json",
+        (f"{_GH}/tatsu-lab/alpaca_eval/cd543a149df89434d8a54582c0151c0b945c3d20/"
+        "results/alpaca-7b/model_outputs.json"),
         "21048628f20187affc7d9c9e756d9618e08c4991fc8a48184612eb484565c5db"),
     "alpaca-eval-outputs/results/gpt4_1106_preview/model_outputs.json": (
-        f"{_GH}/tatsu-lab/alpaca_eval/cd543a149df89434d8a54582c0151c0b945c3d20/"
-        "results/gpt4_1106_preview/model_outputs.json",
+        (f"{_GH}/tatsu-lab/alpaca_eval/cd543a149df89434d8a54582c0151c0b945c3d20/"
+        "results/gpt4_1106_preview/model_outputs.json"),
         "83db546b872ddebee8965fd05fa48461ee3c32bc695c62fb57f2d214ff741ec4"),
     "alpaca-eval-outputs/results/text_davinci_003/model_outputs.json": (
-        f"{_GH}/tatsu-lab/alpaca_eval/cd543a149df89434d8a54582c0151c0b945c3d20/"
-        "results/text_davinci_003/model_outputs.json",
+        (f"{_GH}/tatsu-lab/alpaca_eval/cd543a149df89434d8a54582c0151c0b945c3d20/"
+        "results/text_davinci_003/model_outputs.json"),
         "af0bc112f08c88bf589bbfe6fc1036806d0a0f6fec9c4d5a4db860f5afe73b4b"),
 }
 

@@ -20,10 +20,11 @@ import torch
 
 from harmtrace import __version__
 from harmtrace._logging import get_logger
+from harmtrace.attribute.gradients import trainable_parameters
 from harmtrace.attribute.methods import METHODS, AttributionInputs, compute_scores
 from harmtrace.attribute.rollup import agreement, auprc, records_frame, rollup_sources, top_k
-from harmtrace.behaviours.focus import focus_tokens
-from harmtrace.behaviours.measure import SamplingSettings, generate, measure_harm
+from harmtrace.behaviours.focus import FocusedQuery, focus_tokens
+from harmtrace.behaviours.measure import measure_behaviour
 from harmtrace.behaviours.scorers import make_scorer
 from harmtrace.behaviours.spec import ScorerKind
 from harmtrace.config import PipelineConfig
@@ -65,7 +66,6 @@ class Pipeline:
         self.ledger = Ledger(self.db, anchor_path=self.ws.root / "ledger-head.json")
         self.reporter = reporter or LogReporter()
         self.force = force
-        torch.set_num_threads(max(1, torch.get_num_threads()))
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -150,6 +150,8 @@ class Pipeline:
             raise ConfigError(f"train.model_path = {path} is not a model folder")
         model = AutoModelForCausalLM.from_pretrained(str(path))
         tokenizer = AutoTokenizer.from_pretrained(str(path))
+        if tokenizer.pad_token is None:  # batches of training text need a pad token
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         weights = sorted(path.glob("*.safetensors"))
         digest = sha256_file(weights[0]) if weights else sha256_json(str(path))
         model_id = sha256_json({"identity": identity, "weights": digest})[:16]
@@ -185,13 +187,9 @@ class Pipeline:
 
     def _scorer(self):
         spec = self.config.behaviour
+        if spec.scorer is ScorerKind.TARGET_LOGPROB:
+            return None
         return make_scorer(spec.scorer.value, words=spec.words)
-
-    def _sampling(self) -> SamplingSettings:
-        b = self.config.behaviour
-        return SamplingSettings(samples_per_probe=b.samples_per_probe,
-                                max_new_tokens=b.max_new_tokens, temperature=b.temperature,
-                                top_k=b.top_k, seed=b.seed)
 
     def measure(self) -> dict:
         """Generate from the probes, score, and estimate the harm rate with a 95% CI."""
@@ -200,15 +198,11 @@ class Pipeline:
         identity = {"model": model_id, "behaviour": _settings(spec)}
         if self._skip("measure", identity):
             return self._read("measure", "harm.json", "measure")
-        if spec.scorer is ScorerKind.TARGET_LOGPROB:
-            raise ConfigError("behaviour.scorer = 'target-logprob' is measured by "
-                              "`harmtrace attribute` only in this version; use 'profanity' "
-                              "or 'wordlist' for a harm rate")
         tokenizer, models, _ = self._load_models()
         n = len(spec.probes) * spec.samples_per_probe
-        self.reporter.stage("measure", f"sampling {n} generations from {len(spec.probes)} probes")
-        generations = generate(models[-1][0], tokenizer, spec.probes, self._sampling())
-        harm = measure_harm(generations, self._scorer(), spec.threshold)
+        self.reporter.stage("measure", f"scoring {spec.scorer.value} over {len(spec.probes)} "
+                            f"probes ({n} samples when sampling)")
+        generations, harm = measure_behaviour(models[-1][0], tokenizer, spec)
         harm["examples"] = generations.loc[generations["harmful"], "continuation"].head(8).tolist()
         with self.ws.writing("measure", identity) as out:
             generations.to_parquet(out / "generations.parquet")
@@ -248,10 +242,7 @@ class Pipeline:
         tokenizer, models, _ = self._load_models()
         self.reporter.stage("attribute", f"{len(harmful)} harmful generations x "
                             f"{len(records)} records, methods {', '.join(settings.methods)}")
-        scorer = self._scorer()
-        queries = [focus_tokens(list(row.token_ids), int(row.prompt_length), tokenizer, scorer,
-                                min_drop=self.config.behaviour.focus_min_drop)
-                   for row in harmful.itertuples()]
+        queries = self._queries(harmful, tokenizer)
         inputs = AttributionInputs(
             train_sequences=self._train_sequences(tokenizer, records),
             train_texts=[r.text for r in records], queries=queries, checkpoints=models,
@@ -270,7 +261,8 @@ class Pipeline:
                         for m, s in all_scores.items()},
             "agreement": agreement(all_scores, k=k),
             "settings": _settings(settings),
-            "projection_dim_used": inputs.features(0)[0].shape[1] if inputs._features else None,
+            "projection_dim_used": _projection_dim(inputs),
+            "parameters": list(trainable_parameters(models[-1][0], settings.parameters)),
             "tokenizer": {"bos": tokenizer.bos_token, "eos": tokenizer.eos_token,
                           "max_length": self.config.train.lm.max_length},
             "focused_queries": int(sum(q.focused for q in queries)),
@@ -295,6 +287,17 @@ class Pipeline:
             top = summary["methods"][m]["sources"][0]
             self.reporter.note(f"{m}: top source {top['source']} (score {top['score']:.4g})")
         return summary
+
+    def _queries(self, harmful: pd.DataFrame, tokenizer) -> list[FocusedQuery]:
+        scorer = self._scorer()
+        if scorer is None:  # target-logprob: the target's tokens are the query
+            return [FocusedQuery(tuple(row.token_ids),
+                                 tuple(i >= row.prompt_length for i in range(len(row.token_ids))),
+                                 row.continuation, False)
+                    for row in harmful.itertuples()]
+        return [focus_tokens(list(row.token_ids), int(row.prompt_length), tokenizer, scorer,
+                             min_drop=self.config.behaviour.focus_min_drop)
+                for row in harmful.itertuples()]
 
     def _scores(self) -> dict[str, np.ndarray]:
         folder = self.ws.require("attribute", stage_hint="attribute")
@@ -352,11 +355,11 @@ class Pipeline:
     def _floor(self, records, labels) -> dict:
         """Harm rate of a model trained without any labelled record: the scorer's floor."""
         tokenizer, _, _ = self._load_models()
-        keep = [s for s, y in zip(self._train_sequences(tokenizer, records), labels) if not y]
+        sequences = self._train_sequences(tokenizer, records)
+        keep = [s for s, y in zip(sequences, labels, strict=True) if not y]
         self.reporter.note(f"training the floor model on {len(keep)} unlabelled records")
         model = train_lm(keep, tokenizer, self.config.train.lm, seed=self.config.train.seed).model
-        generations = generate(model, tokenizer, self.config.behaviour.probes, self._sampling())
-        harm = measure_harm(generations, self._scorer(), self.config.behaviour.threshold)
+        _, harm = measure_behaviour(model, tokenizer, self.config.behaviour)
         return {"harm_rate": harm["harm_rate"], "ci": harm["ci"],
                 "description": "model trained without the labelled records, same seed"}
 
@@ -424,7 +427,7 @@ class Pipeline:
                 run = run_condition(condition, seed, sequences=sequences,
                                     heldout=heldout or sequences[:1], tokenizer=tokenizer,
                                     lm=self.config.train.lm, behaviour=self.config.behaviour,
-                                    scorer=self._scorer(), runs_dir=runs_dir)
+                                    runs_dir=runs_dir)
                 runs.setdefault(condition.name, []).append(asdict(run))
                 done += 1
                 self.reporter.note(f"run {done}/{total} {condition.name} seed {seed}: harm "
@@ -516,15 +519,21 @@ class Pipeline:
 
 
 _CAVEATS = (
-    "Attribution scores are first-order estimates; only the removal experiments test "
-    "causation, and only for the methods and k that were run.",
-    "The harm scorer (alt-profanity-check) is itself a model with false positives: its floor "
-    "is the rate it reports for a model that never saw offensive data.",
-    "Gradient methods use a random projection; scores carry projection noise that shrinks "
-    "with attribute.projection_dim.",
-    "Retraining keeps the tokenizer of the full data fixed, so only the model's training "
-    "records change between conditions.",
+    ("Attribution scores are first-order estimates; only the removal experiments test "
+    "causation, and only for the methods and k that were run."),
+    ("The harm scorer (alt-profanity-check) is itself a model with false positives: its floor "
+    "is the rate it reports for a model that never saw offensive data."),
+    ("Gradient methods use a random projection; scores carry projection noise that shrinks "
+    "with attribute.projection_dim."),
+    ("Retraining keeps the tokenizer of the full data fixed, so only the model's training "
+    "records change between conditions."),
 )
+
+
+def _projection_dim(inputs: AttributionInputs) -> int | None:
+    for kernel in inputs._kernels.values():
+        return kernel.dim
+    return None
 
 
 def _n_params(model: torch.nn.Module) -> int:

@@ -9,7 +9,7 @@ Gradients are taken in eval mode (no dropout); the model's mode is restored afte
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch.func import functional_call, grad, vmap
@@ -17,7 +17,12 @@ from torch.func import functional_call, grad, vmap
 from harmtrace.attribute.projection import GaussianProjector
 from harmtrace.errors import ConfigError, NumericalError
 
-__all__ = ["trainable_parameters", "per_example_gradients", "sequence_loss"]
+__all__ = [
+    "iter_example_gradients",
+    "per_example_gradients",
+    "sequence_loss",
+    "trainable_parameters",
+]
 
 
 def trainable_parameters(model: torch.nn.Module, include: Sequence[str] = ()) -> dict:
@@ -45,44 +50,45 @@ def sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
-def per_example_gradients(
+def iter_example_gradients(
     model: torch.nn.Module,
     sequences: Sequence[Sequence[int]],
     *,
     projector: GaussianProjector,
     target_masks: Sequence[Sequence[bool]] | None = None,
     batch_size: int = 32,
-    on_batch: Callable[[int], None] | None = None,
-) -> torch.Tensor:
-    """Projected gradient of each sequence's loss, shape ``(len(sequences), projector.dim)``.
+) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Yield ``(rows, grads)``: projected gradients ``(len(rows), projector.dim)`` of
+    ``sequences[rows]``, batch by batch, so that callers never hold every gradient at once.
 
     ``target_masks[i][t]`` (optional) says whether token ``t`` of sequence ``i`` is a target
     of the loss; other tokens (a prompt, or words that carry no harm) are context only. By
-    default every token after the first is a target. Row ``i`` of the result belongs to
-    ``sequences[i]`` whatever the grouping used inside.
+    default every token after the first is a target. Only the parameters the projector was
+    built for are differentiated; the others enter as constants.
     """
-    params = {n: p.detach() for n, p in model.named_parameters() if n in projector.names}
-    if len(params) != len(projector.names):
-        raise ConfigError("the projector was built for parameters this model does not have")
+    named = dict(model.named_parameters())
+    missing = [n for n in projector.names if n not in named]
+    if missing:
+        raise ConfigError(f"the projector was built for parameters this model does not have: "
+                          f"{missing[:3]}")
+    params = {n: named[n].detach() for n in projector.names}
+    frozen = {n: p.detach() for n, p in named.items() if n not in params}
     buffers = {n: b.detach() for n, b in model.named_buffers()}
     embed_name = _input_embedding_name(model)
-    if embed_name not in params:
-        params[embed_name] = dict(model.named_parameters())[embed_name].detach()
 
     def loss_of(p: dict, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # Embedding by hand and passing inputs_embeds keeps transformers' data-dependent
         # padding checks (which vmap cannot trace) out of the graph; a tied output head
         # still receives its gradient through the same tensor.
-        embeds = torch.nn.functional.embedding(ids, p[embed_name]).unsqueeze(0)  # (1, T, D)
-        out = functional_call(model, (p, buffers), (), {"inputs_embeds": embeds})
-        logits = out.logits[0]  # (T, V)
-        return sequence_loss(logits, labels)
+        weight = p[embed_name] if embed_name in p else frozen[embed_name]
+        embeds = torch.nn.functional.embedding(ids, weight).unsqueeze(0)  # (1, T, D)
+        out = functional_call(model, (p, frozen, buffers), (), {"inputs_embeds": embeds})
+        return sequence_loss(out.logits[0], labels)  # logits (T, V)
 
     per_example = vmap(grad(loss_of), in_dims=(None, 0, 0))
     groups: dict[int, list[int]] = defaultdict(list)
     for index, seq in enumerate(sequences):
         groups[len(seq)].append(index)
-    out = torch.zeros(len(sequences), projector.dim)
     # switch to eval mode only after every check that can raise, so the caller's mode is
     # always restored
     was_training = model.training
@@ -97,15 +103,34 @@ def per_example_gradients(
                 if target_masks is not None:
                     masks = torch.tensor([list(target_masks[i]) for i in rows], dtype=torch.bool)
                     labels = labels.masked_fill(~masks, -100)
-                grads = per_example(params, ids, labels)
-                grads = {n: g for n, g in grads.items() if n in projector.names}
-                projected = projector.project(grads)
+                projected = projector.project(per_example(params, ids, labels))
                 _check_finite(projected, rows)
-                out[rows] = projected
-                if on_batch is not None:
-                    on_batch(len(rows))
+                yield rows, projected
     finally:
         model.train(was_training)
+
+
+def per_example_gradients(
+    model: torch.nn.Module,
+    sequences: Sequence[Sequence[int]],
+    *,
+    projector: GaussianProjector,
+    target_masks: Sequence[Sequence[bool]] | None = None,
+    batch_size: int = 32,
+    on_batch: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Projected gradient of each sequence's loss, shape ``(len(sequences), projector.dim)``.
+
+    Row ``i`` belongs to ``sequences[i]`` whatever the grouping used inside; see
+    :func:`iter_example_gradients` for ``target_masks``.
+    """
+    out = torch.zeros(len(sequences), projector.dim)
+    for rows, grads in iter_example_gradients(model, sequences, projector=projector,
+                                              target_masks=target_masks,
+                                              batch_size=batch_size):
+        out[rows] = grads
+        if on_batch is not None:
+            on_batch(len(rows))
     return out
 
 

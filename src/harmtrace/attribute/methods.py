@@ -32,77 +32,108 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from harmtrace.attribute.gradients import per_example_gradients, trainable_parameters
+from harmtrace.attribute.gradients import (
+    iter_example_gradients,
+    per_example_gradients,
+    trainable_parameters,
+)
 from harmtrace.attribute.projection import GaussianProjector
 from harmtrace.behaviours.focus import FocusedQuery
 from harmtrace.errors import ConfigError, NumericalError
 
-__all__ = ["AttributionInputs", "METHODS", "compute_scores", "method_names"]
+__all__ = ["AttributionInputs", "Kernel", "METHODS", "compute_scores", "method_names"]
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """Gradient inner products at one checkpoint.
+
+    ``dot[i, j] = <g_query_i, g_train_j>`` (shape ``(n_query, n_train)``), and the gradient
+    norms ``query_norm`` ``(n_query,)`` and ``train_norm`` ``(n_train,)``; all in the
+    projected space, or exact when the projection dimension is 0.
+    """
+
+    dot: torch.Tensor
+    query_norm: torch.Tensor
+    train_norm: torch.Tensor
+    dim: int
+    parameters: tuple[str, ...]
 
 
 @dataclass
 class AttributionInputs:
-    """Everything a method may need; gradient features are computed once and shared.
+    """Everything a method may need; gradient kernels are computed once and shared.
 
     ``checkpoints`` is a list of ``(model, learning_rate)`` in training order, the last being
-    the final model.
+    the final model. ``projection_dim = 0`` keeps gradients exact: query gradients are held
+    in memory (``n_query * n_params * 4`` bytes, at most ``max_bytes``) and train gradients
+    are streamed past them, so memory never grows with the number of train records.
     """
 
     train_sequences: Sequence[Sequence[int]]
     train_texts: Sequence[str]
     queries: Sequence[FocusedQuery]
     checkpoints: Sequence[tuple[PreTrainedModel, float]]
-    projection_dim: int = 512
+    projection_dim: int = 0
     seed: int = 0
     batch_size: int = 32
     parameters: tuple[str, ...] = ()
+    max_bytes: int = 4 << 30
     progress: Callable[[str, int, int], None] | None = None
-    _features: dict = field(default_factory=dict)
+    _kernels: dict = field(default_factory=dict)
 
-    def features(self, checkpoint: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Projected gradients ``(train (n_train, k), query (n_query, k))`` at a checkpoint."""
-        if checkpoint not in self._features:
-            model = self.checkpoints[checkpoint][0]
-            params = trainable_parameters(model, self.parameters)
-            projector = GaussianProjector({n: p.shape for n, p in params.items()},
-                                          dim=self.projection_dim, seed=self.seed)
-            train = self._grads(model, projector, self.train_sequences, None, "train")
-            query = self._grads(model, projector, [q.token_ids for q in self.queries],
-                                [q.target_mask for q in self.queries], "query")
-            self._features[checkpoint] = (train, query)
-        return self._features[checkpoint]
+    def kernel(self, checkpoint: int) -> Kernel:
+        """The :class:`Kernel` at checkpoint index ``checkpoint`` (cached)."""
+        if checkpoint not in self._kernels:
+            self._kernels[checkpoint] = self._compute_kernel(checkpoint)
+        return self._kernels[checkpoint]
 
-    def _grads(self, model, projector, seqs, masks, label: str) -> torch.Tensor:
-        done = [0]
-
-        def tick(n: int) -> None:
-            done[0] += n
+    def _compute_kernel(self, checkpoint: int) -> Kernel:
+        model = self.checkpoints[checkpoint][0]
+        params = trainable_parameters(model, self.parameters)
+        projector = GaussianProjector({n: p.shape for n, p in params.items()},
+                                      dim=self.projection_dim, seed=self.seed,
+                                      max_bytes=self.max_bytes)
+        need = len(self.queries) * projector.dim * 4
+        if need > self.max_bytes:
+            raise ConfigError(
+                f"{len(self.queries)} query gradients of dimension {projector.dim:,} need "
+                f"{need / 2**30:.1f} GiB; set attribute.projection_dim (e.g. 1024) or "
+                "restrict attribute.parameters"
+            )
+        query = per_example_gradients(
+            model, [q.token_ids for q in self.queries], projector=projector,
+            target_masks=[q.target_mask for q in self.queries], batch_size=self.batch_size)
+        n_train = len(self.train_sequences)
+        dot = torch.zeros(len(self.queries), n_train)
+        train_norm = torch.zeros(n_train)
+        done = 0
+        for rows, grads in iter_example_gradients(model, self.train_sequences,
+                                                  projector=projector,
+                                                  batch_size=self.batch_size):
+            dot[:, rows] = query @ grads.T  # (n_query, len(rows))
+            train_norm[rows] = grads.norm(dim=1)
+            done += len(rows)
             if self.progress is not None:
-                self.progress(f"{label} gradients", done[0], len(seqs))
-
-        return per_example_gradients(model, seqs, projector=projector, target_masks=masks,
-                                     batch_size=self.batch_size, on_batch=tick)
-
-
-def _unit_rows(x: torch.Tensor) -> torch.Tensor:
-    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+                self.progress(f"train gradients, checkpoint {checkpoint + 1}", done, n_train)
+        return Kernel(dot=dot, query_norm=query.norm(dim=1), train_norm=train_norm,
+                      dim=projector.dim, parameters=tuple(projector.names))
 
 
 def _graddot(inputs: AttributionInputs) -> np.ndarray:
-    train, query = inputs.features(len(inputs.checkpoints) - 1)
-    return (query @ train.T).numpy()
+    return inputs.kernel(len(inputs.checkpoints) - 1).dot.numpy()
 
 
 def _gradcos(inputs: AttributionInputs) -> np.ndarray:
-    train, query = inputs.features(len(inputs.checkpoints) - 1)
-    return (_unit_rows(query) @ _unit_rows(train).T).numpy()
+    k = inputs.kernel(len(inputs.checkpoints) - 1)
+    scale = torch.outer(k.query_norm, k.train_norm).clamp_min(1e-12)
+    return (k.dot / scale).numpy()
 
 
 def _tracin(inputs: AttributionInputs) -> np.ndarray:
     total = None
     for index, (_, lr) in enumerate(inputs.checkpoints):
-        train, query = inputs.features(index)
-        part = lr * (query @ train.T)
+        part = lr * inputs.kernel(index).dot
         total = part if total is None else total + part
     return total.numpy()
 

@@ -15,9 +15,17 @@ import pandas as pd
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
+from harmtrace.models.lm import prompt_ids
 from harmtrace.seeding import seed_everything
 
-__all__ = ["SamplingSettings", "bootstrap_rate", "generate", "measure_harm"]
+__all__ = [
+    "SamplingSettings",
+    "bootstrap_rate",
+    "generate",
+    "measure_behaviour",
+    "measure_harm",
+    "target_scores",
+]
 
 
 @dataclass(frozen=True)
@@ -45,7 +53,7 @@ def generate(
     model.eval()
     rows = []
     for index, probe in enumerate(probes):
-        prompt = [tokenizer.bos_token_id] + tokenizer(probe, add_special_tokens=False)["input_ids"]
+        prompt = prompt_ids(tokenizer, probe)
         ids = torch.tensor([prompt] * sampling.samples_per_probe)
         with torch.no_grad():
             out = model.generate(
@@ -55,7 +63,8 @@ def generate(
                 eos_token_id=tokenizer.eos_token_id,
             )
         for sample, seq in enumerate(out.tolist()):
-            seq = _cut_at_eos(seq, len(prompt), tokenizer.eos_token_id)
+            if tokenizer.eos_token_id is not None:
+                seq = _cut_at_eos(seq, len(prompt), tokenizer.eos_token_id)
             text = tokenizer.decode(seq[len(prompt):], skip_special_tokens=True)
             rows.append({"probe_index": index, "probe": probe, "sample": sample,
                          "continuation": text, "token_ids": seq, "prompt_length": len(prompt)})
@@ -97,3 +106,55 @@ def measure_harm(
                                   generations["probe_index"].to_numpy())
     return {"harm_rate": rate, "ci": [lo, hi], "n_generations": len(generations),
             "n_harmful": int(generations["harmful"].sum())}
+
+
+def target_scores(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerFast,
+    probes: Sequence[str],
+    target: str,
+) -> pd.DataFrame:
+    """The probability of ``target`` after each probe, as a frame shaped like :func:`generate`.
+
+    ``harm_score`` is the geometric mean of the target's token probabilities,
+    ``exp(mean log p)``, in [0, 1]; ``logprob`` is the summed log-probability of the target.
+    """
+    target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+    rows = []
+    model.eval()
+    for index, probe in enumerate(probes):
+        prompt = prompt_ids(tokenizer, probe)
+        ids = torch.tensor([prompt + target_ids])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0]  # (T, V)
+        logp = torch.log_softmax(logits[:-1], dim=-1)  # position t predicts token t + 1
+        picked = logp[len(prompt) - 1 :].gather(1, torch.tensor(target_ids)[:, None])
+        total = float(picked.sum())
+        rows.append({"probe_index": index, "probe": probe, "sample": 0, "continuation": target,
+                     "token_ids": prompt + target_ids, "prompt_length": len(prompt),
+                     "logprob": total, "harm_score": float(np.exp(total / len(target_ids)))})
+    return pd.DataFrame(rows)
+
+
+def measure_behaviour(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, spec
+                      ) -> tuple[pd.DataFrame, dict]:
+    """Generations (or target scores) of ``spec`` and the harm-rate summary.
+
+    For ``target-logprob`` the rate is the share of probes whose target probability reaches
+    the threshold, and the summary adds the mean summed log-probability of the target.
+    """
+    from harmtrace.behaviours.scorers import make_scorer
+    from harmtrace.behaviours.spec import ScorerKind
+
+    if spec.scorer is ScorerKind.TARGET_LOGPROB:
+        frame = target_scores(model, tokenizer, spec.probes, spec.target)
+        harm = measure_harm(frame, lambda _: frame["harm_score"].to_numpy(), spec.threshold)
+        harm["mean_logprob"] = float(frame["logprob"].mean())
+        return frame, harm
+    sampling = SamplingSettings(
+        samples_per_probe=spec.samples_per_probe, max_new_tokens=spec.max_new_tokens,
+        temperature=spec.temperature, top_k=spec.top_k, seed=spec.seed,
+    )
+    frame = generate(model, tokenizer, spec.probes, sampling)
+    harm = measure_harm(frame, make_scorer(spec.scorer.value, words=spec.words), spec.threshold)
+    return frame, harm

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
@@ -28,6 +27,7 @@ __all__ = [
     "build_lm",
     "collate",
     "encode_texts",
+    "prompt_ids",
     "train_lm",
 ]
 
@@ -123,10 +123,24 @@ def build_lm(settings: LMSettings, tokenizer: PreTrainedTokenizerFast) -> GPT2LM
 def encode_texts(
     tokenizer: PreTrainedTokenizerFast, texts: Sequence[str], *, max_length: int
 ) -> list[list[int]]:
-    """Token ids ``[bos, *text, eos]`` of each text, cut to ``max_length``."""
+    """Token ids ``[bos, *text, eos]`` of each text, cut to ``max_length``.
+
+    A tokenizer without a BOS (or EOS) token gets none added; the same rule is used for
+    probes (:func:`prompt_ids`), so training and attribution see one tokenisation.
+    """
     encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    return [([bos] + ids + [eos])[:max_length] for ids in encoded]
+    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    return [(prompt_prefix(tokenizer) + ids + eos)[:max_length] for ids in encoded]
+
+
+def prompt_prefix(tokenizer: PreTrainedTokenizerFast) -> list[int]:
+    """``[bos]``, or ``[]`` for a tokenizer without a BOS token."""
+    return [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerFast, prompt: str) -> list[int]:
+    """Token ids of a probe prompt, with the same prefix as training records."""
+    return prompt_prefix(tokenizer) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
 def collate(sequences: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -169,7 +183,8 @@ def train_lm(
     n = len(sequences)
     steps_per_epoch = math.ceil(n / settings.batch_size)
     total = steps_per_epoch * settings.epochs
-    save_at = {round(total * (i + 1) / settings.n_checkpoints) for i in range(settings.n_checkpoints)}
+    n_ckpt = settings.n_checkpoints
+    save_at = {round(total * (i + 1) / n_ckpt) for i in range(n_ckpt)}
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
     )
@@ -213,10 +228,6 @@ def _save_checkpoint(model: GPT2LMHeadModel, out_dir: Path, step: int, lr: float
     return Checkpoint(step=step, path=str(folder), sha256=digest, learning_rate=lr)
 
 
-def settings_dict(settings: LMSettings) -> dict:
-    return asdict(settings)
-
-
 def mean_token_nll(
     model: GPT2LMHeadModel, sequences: Sequence[Sequence[int]], pad_id: int, batch_size: int = 64
 ) -> float:
@@ -237,10 +248,3 @@ def mean_token_nll(
             count += int((targets != -100).sum())
     return total / max(count, 1)
 
-
-def count_parameters(model: torch.nn.Module) -> int:
-    return int(sum(p.numel() for p in model.parameters()))
-
-
-def as_numpy(values: Sequence[float]) -> np.ndarray:
-    return np.asarray(values, dtype=np.float64)

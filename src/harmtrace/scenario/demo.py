@@ -21,9 +21,9 @@ SIZES = {"full": ScenarioSize(), "small": SMALL}
 
 _SETTINGS = {
     # size: (epochs, samples_per_probe, projection_dim)
-    "full": (4, 40, 512),
-    "small": (8, 30, 512),
-    "synthetic": (6, 20, 256),
+    "full": (4, 40, 0),
+    "small": (8, 30, 0),
+    "synthetic": (6, 20, 0),
 }
 
 

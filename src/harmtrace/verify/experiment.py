@@ -10,14 +10,14 @@ file, so an interrupted experiment resumes where it stopped.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from harmtrace._logging import get_logger
-from harmtrace.behaviours.measure import SamplingSettings, generate, measure_harm
+from harmtrace.behaviours.measure import measure_behaviour
 from harmtrace.behaviours.spec import BehaviourSpec
 from harmtrace.models.lm import LMSettings, mean_token_nll, train_lm
 from harmtrace.workspace import atomic_write_json
@@ -61,7 +61,6 @@ def run_condition(
     tokenizer,
     lm: LMSettings,
     behaviour: BehaviourSpec,
-    scorer: Callable,
     runs_dir: Path,
 ) -> RunResult:
     """Train, generate and measure one (condition, seed); reuse a finished run."""
@@ -75,12 +74,7 @@ def run_condition(
     drop = set(removed)
     kept = [s for i, s in enumerate(sequences) if i not in drop]
     model = train_lm(kept, tokenizer, lm, seed=seed).model
-    sampling = SamplingSettings(
-        samples_per_probe=behaviour.samples_per_probe, max_new_tokens=behaviour.max_new_tokens,
-        temperature=behaviour.temperature, top_k=behaviour.top_k, seed=behaviour.seed,
-    )
-    generations = generate(model, tokenizer, behaviour.probes, sampling)
-    harm = measure_harm(generations, scorer, behaviour.threshold)
+    _, harm = measure_behaviour(model, tokenizer, behaviour)
     nll = mean_token_nll(model, heldout, tokenizer.pad_token_id)
     result = RunResult(condition=condition.name, seed=seed, harm_rate=harm["harm_rate"],
                        perplexity=float(np.exp(nll)), n_removed=len(drop),

@@ -1,0 +1,5 @@
+"""``python -m harmtrace``: the command line."""
+
+from harmtrace.cli import main
+
+main()

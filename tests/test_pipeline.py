@@ -1,0 +1,109 @@
+"""The pipeline skips what is current, redoes what changed, and resumes after a kill."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+from harmtrace.config import load_config
+from harmtrace.pipeline import Pipeline
+from harmtrace.workspace import Workspace
+from helpers import toml_text
+
+
+class RecordingReporter:
+    """Keeps every stage message, so tests can see what ran and what was skipped."""
+
+    def __init__(self) -> None:
+        self.stages: list[tuple[str, str]] = []
+
+    def stage(self, name: str, message: str) -> None:
+        self.stages.append((name, message))
+
+    def step(self, label: str, done: int, total: int) -> None:
+        pass
+
+    def note(self, message: str) -> None:
+        pass
+
+    def skipped(self, name: str) -> bool:
+        return any(n == name and "up to date, skipped" in m for n, m in self.stages)
+
+
+def _pipeline(finished_run, tmp_path: Path, **changes: dict) -> tuple[Pipeline, RecordingReporter]:
+    """A pipeline on a copy of the finished workspace; ``changes`` update config tables."""
+    workspace = Path(shutil.copytree(finished_run.workspace, tmp_path / "ws"))
+    tables = copy.deepcopy(finished_run.tables)
+    tables["workspace"] = {"path": str(workspace)}
+    for table, values in changes.items():
+        tables[table] = {**tables.get(table, {}), **values}
+    config = tmp_path / "config.toml"
+    config.write_text(toml_text(tables), encoding="utf-8")
+    reporter = RecordingReporter()
+    return Pipeline(load_config(config), reporter=reporter), reporter
+
+
+def _stages(pipeline: Pipeline) -> list[str]:
+    return [entry.stage for entry in pipeline.ledger.entries()]
+
+
+def test_unchanged_settings_skip_every_stage_but_the_report(finished_run, tmp_path) -> None:
+    pipeline, reporter = _pipeline(finished_run, tmp_path)
+
+    pipeline.run()
+
+    for stage in ("ingest", "model", "measure", "attribute"):
+        assert reporter.skipped(stage), stage
+    assert _stages(pipeline)[5:] == ["report"]
+    assert pipeline.ledger.verify().ok
+
+
+def test_a_changed_behaviour_seed_reruns_measure(finished_run, tmp_path) -> None:
+    pipeline, reporter = _pipeline(finished_run, tmp_path, behaviour={"seed": 1})
+    old = json.loads((pipeline.ws.artifact_dir("measure") / "meta.json").read_text())
+
+    pipeline.train()
+    pipeline.measure()
+
+    assert reporter.skipped("model") and not reporter.skipped("measure")
+    new = json.loads((pipeline.ws.artifact_dir("measure") / "meta.json").read_text())
+    assert new["identity"]["behaviour"]["seed"] == 1
+    assert new["identity_digest"] != old["identity_digest"]
+    assert _stages(pipeline)[5:] == ["measure"]
+
+
+def test_run_removes_a_partial_artifact_left_by_a_kill_and_completes(
+    finished_run, tmp_path
+) -> None:
+    pipeline, _ = _pipeline(finished_run, tmp_path)
+    artifacts = pipeline.ws.artifacts
+    shutil.rmtree(artifacts / "model")  # the kill came while training
+    leftover = artifacts / ".tmp-model-xyz"
+    (leftover / "checkpoint-3").mkdir(parents=True)
+    (leftover / "checkpoint-3" / "model.safetensors").write_bytes(b"\x00 half written")
+
+    report = pipeline.run()
+
+    assert not list(artifacts.glob(".tmp-*"))
+    assert Workspace(pipeline.ws.root).read_meta("model") is not None
+    assert report.exists()
+    assert pipeline.ledger.verify().ok
+
+
+def test_verify_with_two_seeds_compares_top_k_removal_with_random(
+    finished_run, tmp_path
+) -> None:
+    pipeline, _ = _pipeline(finished_run, tmp_path,
+                            verify={"enabled": True, "seeds": [0, 1], "methods": ["bm25"]})
+
+    result = pipeline.verify()
+
+    assert set(result["conditions"]) == {"top-bm25", "random"}
+    for condition in result["conditions"].values():
+        assert condition["seeds"] == [0, 1]
+        assert all(0.0 <= rate <= 1.0 for rate in condition["harm_rates"])
+    assert set(result["comparisons"]) == {"bm25"}
+    assert _stages(pipeline)[5:] == ["verify-plan", "verify"]
+    assert pipeline.ledger.verify().ok
