@@ -173,3 +173,40 @@ def test_a_method_agrees_perfectly_with_itself() -> None:
     assert same["topk_overlap"] == 1.0
     noisy = next(r for r in rows if {r["a"], r["b"]} == {"a", "noise"})
     assert noisy["spearman"] < 0.9
+
+
+@pytest.mark.parametrize("kind", ["diagonal", "adam"])
+def test_preconditioned_dot_equals_the_weighted_inner_product(trained, kind) -> None:
+    from harmtrace.attribute.gradients import per_example_gradients, trainable_parameters
+    from harmtrace.attribute.projection import GaussianProjector
+
+    model, seqs = trained
+    inputs = _inputs(model, seqs)
+    inputs.preconditioner, inputs.damping = kind, 0.01
+    scores = compute_scores("graddot", inputs)[0]
+
+    params = trainable_parameters(model)
+    projector = GaussianProjector({n: p.shape for n, p in params.items()}, dim=0, seed=0)
+    grads = per_example_gradients(model, seqs, projector=projector).double()  # (n, P)
+    fisher = (grads**2).mean(dim=0)
+    base = fisher if kind == "diagonal" else fisher.sqrt()
+    weights = 1.0 / (base + 0.01 * base.mean())
+    expected = (grads * weights) @ grads[QUERY_RECORD]
+    np.testing.assert_allclose(scores, expected.numpy(), rtol=2e-3, atol=1e-6)
+
+
+def test_preconditioned_cosine_of_a_record_with_itself_is_one(trained) -> None:
+    model, seqs = trained
+    inputs = _inputs(model, seqs)
+    inputs.preconditioner = "adam"
+    scores = compute_scores("gradcos", inputs)[0]
+    assert scores[QUERY_RECORD] == pytest.approx(1.0, abs=1e-5)
+    assert int(scores.argmax()) == QUERY_RECORD
+
+
+def test_an_unknown_preconditioner_is_a_config_error(trained) -> None:
+    model, seqs = trained
+    inputs = _inputs(model, seqs)
+    inputs.preconditioner = "kfac?"
+    with pytest.raises(ConfigError, match="preconditioner"):
+        compute_scores("graddot", inputs)

@@ -74,7 +74,7 @@ def test_a_changed_behaviour_seed_reruns_measure(finished_run, tmp_path) -> None
     assert _stages(pipeline)[5:] == ["measure"]
 
 
-def test_run_removes_a_partial_artifact_left_by_a_kill_and_completes(
+def test_a_partial_artifact_left_by_a_kill_is_removed_and_the_run_completes(
     finished_run, tmp_path
 ) -> None:
     pipeline, _ = _pipeline(finished_run, tmp_path)
@@ -84,6 +84,8 @@ def test_run_removes_a_partial_artifact_left_by_a_kill_and_completes(
     (leftover / "checkpoint-3").mkdir(parents=True)
     (leftover / "checkpoint-3" / "model.safetensors").write_bytes(b"\x00 half written")
 
+    pipeline = Pipeline(pipeline.config, workspace=pipeline.ws.root)
+    assert not leftover.exists()
     report = pipeline.run()
 
     assert not list(artifacts.glob(".tmp-*"))
@@ -107,3 +109,22 @@ def test_verify_with_two_seeds_compares_top_k_removal_with_random(
     assert set(result["comparisons"]) == {"bm25"}
     assert _stages(pipeline)[5:] == ["verify-plan", "verify"]
     assert pipeline.ledger.verify().ok
+
+
+def test_an_existing_model_folder_is_registered_instead_of_trained(finished_run, tmp_path):
+    from helpers import tiny_lm, tiny_tokenizer
+
+    folder = tmp_path / "hf-model"
+    tiny_lm(seed=5).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    pipeline, reporter = _pipeline(finished_run, tmp_path, train={"model_path": str(folder)})
+
+    model_id = pipeline.train()
+    pipeline.measure()
+    pipeline.attribute()
+
+    info = pipeline.db.get_model(model_id)
+    assert info.base_model == str(folder)
+    assert not reporter.skipped("model")
+    assert (pipeline.ws.artifact_dir("attribute") / "scores-gradcos.npy").exists()
+    assert _stages(pipeline)[5:] == ["train", "measure", "attribute"]

@@ -21,7 +21,7 @@ import dataclasses
 import difflib
 import tomllib
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -51,6 +51,14 @@ class TrainSettings:
     model_path: str = ""
 
 
+class Preconditioner(StrEnum):
+    """Inner product of the gradient methods; see harmtrace.attribute.methods."""
+
+    NONE = "none"
+    DIAGONAL = "diagonal"
+    ADAM = "adam"
+
+
 @dataclass(frozen=True)
 class AttributeSettings:
     """Which methods run, the projection, and ``k`` for top-k summaries.
@@ -58,7 +66,8 @@ class AttributeSettings:
     ``projection_dim = 0`` (default) keeps gradients exact; a positive value projects them
     with a seeded Gaussian matrix. ``k`` below 1 is a fraction of the training records; 1 or
     more is a count. ``parameters`` restricts gradients to parameter names containing one of
-    the given substrings (default: every trainable parameter).
+    the given substrings (default: every trainable parameter). ``preconditioner`` (none,
+    diagonal or adam) and ``damping`` set the gradient inner product.
     """
 
     methods: tuple[str, ...] = ("gradcos", "graddot", "tracin", "bm25")
@@ -67,8 +76,12 @@ class AttributeSettings:
     k: float = 0.1
     batch_size: int = 32
     parameters: tuple[str, ...] = ()
+    preconditioner: Preconditioner = Preconditioner.NONE
+    damping: float = 1e-3
 
     def __post_init__(self) -> None:
+        if self.damping < 0:
+            raise ConfigError(f"attribute.damping must be >= 0, got {self.damping}")
         unknown = [m for m in self.methods if m not in method_names()]
         if unknown or not self.methods:
             raise ConfigError(

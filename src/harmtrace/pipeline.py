@@ -54,7 +54,11 @@ def _settings(obj: Any) -> dict:
 
 
 class Pipeline:
-    """Runs the stages of one investigation described by a :class:`PipelineConfig`."""
+    """Runs the stages of one investigation described by a :class:`PipelineConfig`.
+
+    A workspace has one writer at a time: opening a pipeline removes temporary folders that
+    a killed stage left behind.
+    """
 
     def __init__(self, config: PipelineConfig, *, workspace: str | Path | None = None,
                  reporter: Reporter | None = None, force: bool = False) -> None:
@@ -66,6 +70,8 @@ class Pipeline:
         self.ledger = Ledger(self.db, anchor_path=self.ws.root / "ledger-head.json")
         self.reporter = reporter or LogReporter()
         self.force = force
+        for leftover in self.ws.clean_partial():
+            self.reporter.note(f"removed {leftover.name}, left by an interrupted stage")
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -248,6 +254,7 @@ class Pipeline:
             train_texts=[r.text for r in records], queries=queries, checkpoints=models,
             projection_dim=settings.projection_dim, seed=settings.seed,
             batch_size=settings.batch_size, parameters=settings.parameters,
+            preconditioner=settings.preconditioner.value, damping=settings.damping,
             progress=self.reporter.step,
         )
         all_scores = {m: compute_scores(m, inputs) for m in settings.methods}
@@ -508,7 +515,6 @@ class Pipeline:
 
     def run(self, *, scenario: dict | None = None) -> Path:
         """Run every stage in order; returns the path of the HTML report."""
-        self.ws.clean_partial()
         self.ingest()
         self.train()
         self.measure()

@@ -68,6 +68,20 @@ class AttributionInputs:
     the final model. ``projection_dim = 0`` keeps gradients exact: query gradients are held
     in memory (``n_query * n_params * 4`` bytes, at most ``max_bytes``) and train gradients
     are streamed past them, so memory never grows with the number of train records.
+
+    ``preconditioner`` sets the inner product ``<a, b>_W = sum_p w_p a_p b_p`` used by every
+    gradient method, from the diagonal empirical Fisher ``F_p = mean_j g_jp^2`` over the
+    train records (one extra pass over them):
+
+    * ``"none"``: ``w = 1``;
+    * ``"diagonal"``: ``w = 1 / (F + damping * mean(F))``, the diagonal approximation of
+      the inverse Hessian in influence functions (Koh and Liang 2017);
+    * ``"adam"``: ``w = 1 / (sqrt(F) + damping * mean(sqrt(F)))``, the normalisation Adam
+      applies to each update, as in LESS (Xia et al. 2024, "LESS: Selecting Influential
+      Data for Targeted Instruction Tuning").
+
+    Both damp by a fraction of the mean so that the default does not depend on the scale
+    of the loss. In the projected space the diagonal is that of the projected features.
     """
 
     train_sequences: Sequence[Sequence[int]]
@@ -78,6 +92,8 @@ class AttributionInputs:
     seed: int = 0
     batch_size: int = 32
     parameters: tuple[str, ...] = ()
+    preconditioner: str = "none"
+    damping: float = 1e-3
     max_bytes: int = 4 << 30
     progress: Callable[[str, int, int], None] | None = None
     _kernels: dict = field(default_factory=dict)
@@ -104,20 +120,45 @@ class AttributionInputs:
         query = per_example_gradients(
             model, [q.token_ids for q in self.queries], projector=projector,
             target_masks=[q.target_mask for q in self.queries], batch_size=self.batch_size)
+        weights = self._weights(model, projector, checkpoint)  # (dim,)
+        weighted = query * weights  # (n_query, dim)
         n_train = len(self.train_sequences)
         dot = torch.zeros(len(self.queries), n_train)
         train_norm = torch.zeros(n_train)
-        done = 0
+        for rows, grads in self._train_pass(model, projector, f"checkpoint {checkpoint + 1}"):
+            dot[:, rows] = weighted @ grads.T  # (n_query, len(rows))
+            train_norm[rows] = (grads * grads * weights).sum(dim=1).sqrt()
+        query_norm = (weighted * query).sum(dim=1).sqrt()
+        return Kernel(dot=dot, query_norm=query_norm, train_norm=train_norm,
+                      dim=projector.dim, parameters=tuple(projector.names))
+
+    def _train_pass(self, model, projector, label: str):
+        done, n_train = 0, len(self.train_sequences)
         for rows, grads in iter_example_gradients(model, self.train_sequences,
                                                   projector=projector,
                                                   batch_size=self.batch_size):
-            dot[:, rows] = query @ grads.T  # (n_query, len(rows))
-            train_norm[rows] = grads.norm(dim=1)
+            yield rows, grads
             done += len(rows)
             if self.progress is not None:
-                self.progress(f"train gradients, checkpoint {checkpoint + 1}", done, n_train)
-        return Kernel(dot=dot, query_norm=query.norm(dim=1), train_norm=train_norm,
-                      dim=projector.dim, parameters=tuple(projector.names))
+                self.progress(f"train gradients, {label}", done, n_train)
+
+    def _weights(self, model, projector, checkpoint: int) -> torch.Tensor:
+        if self.preconditioner == "none":
+            return torch.ones(projector.dim)
+        if self.preconditioner not in ("diagonal", "adam"):
+            raise ConfigError(f"attribute.preconditioner = {self.preconditioner!r} is unknown; "
+                              "use 'none', 'diagonal' or 'adam'")
+        fisher = torch.zeros(projector.dim, dtype=torch.float64)
+        for _, grads in self._train_pass(model, projector, f"curvature {checkpoint + 1}"):
+            fisher += (grads.double() ** 2).sum(dim=0)
+        fisher /= len(self.train_sequences)
+        base = fisher if self.preconditioner == "diagonal" else fisher.sqrt()
+        damped = base + self.damping * base.mean()
+        if not bool(damped.min() > 0):
+            raise NumericalError(
+                f"the {self.preconditioner} preconditioner has a zero entry; raise "
+                f"attribute.damping (now {self.damping})")
+        return (1.0 / damped).float()
 
 
 def _graddot(inputs: AttributionInputs) -> np.ndarray:
