@@ -174,7 +174,16 @@ def data_fetch(dest: str | None) -> None:
     click.echo(f"datasets in {folder}; set HARMTRACE_DATA_DIR={folder} or run `harmtrace demo`")
 
 
+def _quiet_dependencies() -> None:
+    """The command line shows harmtrace's own progress; silence the libraries' chatter."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def main() -> None:
+    _quiet_dependencies()
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:

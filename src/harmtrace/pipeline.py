@@ -263,6 +263,8 @@ class Pipeline:
         summary = {
             "k": k, "n_queries": len(queries), "n_train": len(records),
             "sign": "positive = the record made the harmful tokens more likely",
+            "loss": "query: summed token NLL over its focus tokens; train record: summed token "
+                    "NLL over all its tokens; no 1/n factor",
             "methods": {m: {"description": METHODS[m][1],
                             "sources": rollup_sources(s, sources, k=k, seed=settings.seed)}
                         for m, s in all_scores.items()},
