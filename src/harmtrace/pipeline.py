@@ -262,10 +262,10 @@ class Pipeline:
         sources = [r.source for r in records]
         summary = {
             "k": k, "n_queries": len(queries), "n_train": len(records),
-            "sign": "positive = the record made the harmful tokens more likely",
+            "sign": _SIGN,
             "loss": "query: summed token NLL over its focus tokens; train record: summed token "
                     "NLL over all its tokens; no 1/n factor",
-            "methods": {m: {"description": METHODS[m][1],
+            "methods": {m: {"description": METHODS[m][1], "sign": _SIGN,
                             "sources": rollup_sources(s, sources, k=k, seed=settings.seed)}
                         for m, s in all_scores.items()},
             "agreement": agreement(all_scores, k=k),
@@ -526,13 +526,17 @@ class Pipeline:
         return self.report(scenario=scenario)
 
 
+_SIGN = "positive = the record made the harmful tokens more likely"
+
 _CAVEATS = (
     ("Attribution scores are first-order estimates; only the removal experiments test "
     "causation, and only for the methods and k that were run."),
     ("The harm scorer (alt-profanity-check) is itself a model with false positives: its floor "
     "is the rate it reports for a model that never saw offensive data."),
-    ("Gradient methods use a random projection; scores carry projection noise that shrinks "
-    "with attribute.projection_dim."),
+    ("Gradient methods are first-order: they see each record's effect at the saved "
+    "checkpoints only, and with attribute.projection_dim > 0 carry projection noise."),
+    ("With 3 seeds per condition the exact permutation test cannot go below p = 0.05; the "
+    "Welch t-test p-value assumes roughly normal per-seed harm rates."),
     ("Retraining keeps the tokenizer of the full data fixed, so only the model's training "
     "records change between conditions."),
 )

@@ -195,8 +195,8 @@ def _bm25(inputs: AttributionInputs) -> np.ndarray:
 
 
 METHODS: dict[str, tuple[Callable[[AttributionInputs], np.ndarray], str]] = {
-    "graddot": (_graddot, "dot product of projected gradients, final checkpoint"),
-    "gradcos": (_gradcos, "cosine of projected gradients, final checkpoint"),
+    "graddot": (_graddot, "dot product of loss gradients, final checkpoint"),
+    "gradcos": (_gradcos, "cosine of loss gradients, final checkpoint"),
     "tracin": (_tracin, "TracInCP: lr-weighted gradient dot products over checkpoints"),
     "bm25": (_bm25, "BM25 between the harmful words of each query and each record"),
 }
