@@ -7,6 +7,8 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+
 from harmtrace.config import load_config
 from harmtrace.pipeline import Pipeline
 from harmtrace.workspace import Workspace
@@ -128,3 +130,40 @@ def test_an_existing_model_folder_is_registered_instead_of_trained(finished_run,
     assert not reporter.skipped("model")
     assert (pipeline.ws.artifact_dir("attribute") / "scores-gradcos.npy").exists()
     assert _stages(pipeline)[5:] == ["train", "measure", "attribute"]
+
+
+def test_a_stage_refuses_an_upstream_artifact_made_from_other_settings(finished_run, tmp_path):
+    from harmtrace.errors import ArtifactError
+
+    pipeline, _ = _pipeline(finished_run, tmp_path, train={"epochs": 2})
+
+    with pytest.raises(ArtifactError, match=r"'model'.*other settings.*harmtrace train"):
+        pipeline.measure()
+    assert _stages(pipeline)[5:] == []
+
+
+def test_a_report_leaves_out_stale_results_and_says_so(finished_run, tmp_path):
+    pipeline, _ = _pipeline(finished_run, tmp_path, attribute={"k": 3})
+
+    summary, _ = pipeline.summary()
+
+    assert "attribution" not in summary
+    assert any("'attribute' results" in c for c in summary["caveats"])
+
+
+def test_probes_longer_than_the_model_positions_are_a_config_error(finished_run, tmp_path):
+    from harmtrace.errors import ConfigError
+
+    pipeline, _ = _pipeline(finished_run, tmp_path, behaviour={"max_new_tokens": 200})
+
+    with pytest.raises(ConfigError, match="behaviour.max_new_tokens"):
+        pipeline.measure()
+
+
+@pytest.mark.parametrize("k, message", [(2.5, "whole count"), (10_000, "not below")])
+def test_a_k_that_is_not_a_usable_count_is_a_config_error(finished_run, tmp_path, k, message):
+    from harmtrace.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        pipeline, _ = _pipeline(finished_run, tmp_path, attribute={"k": k})
+        pipeline.attribute()

@@ -128,9 +128,15 @@ def ledger() -> None:
     """Inspect and verify the workspace's ledger."""
 
 
+_ledger_ws = click.option("--workspace", "-w", default="harmtrace-demo", show_default=True,
+                          help="The workspace folder whose ledger to read.")
+_ledger_db = click.option("--database-url", default=None,
+                          help="Database URL (default: the workspace's SQLite file).")
+
+
 @ledger.command(name="verify")
-@click.option("--workspace", "-w", default="harmtrace-demo", show_default=True)
-@click.option("--database-url", default=None, help="Database URL (default: the workspace's).")
+@_ledger_ws
+@_ledger_db
 def ledger_verify(workspace: str, database_url: str | None) -> None:
     """Check the hash chain and the head anchor; exit 1 if anything was changed."""
     from harmtrace.ledger import Ledger
@@ -147,14 +153,15 @@ def ledger_verify(workspace: str, database_url: str | None) -> None:
 
 
 @ledger.command(name="show")
-@click.option("--workspace", "-w", default="harmtrace-demo", show_default=True)
-def ledger_show(workspace: str) -> None:
+@_ledger_ws
+@_ledger_db
+def ledger_show(workspace: str, database_url: str | None) -> None:
     """List the ledger's entries."""
     from harmtrace.ledger import Ledger
     from harmtrace.store import Database
     from harmtrace.workspace import Workspace
 
-    ws = Workspace(Path(workspace))
+    ws = Workspace(Path(workspace), database_url=database_url)
     for e in Ledger(Database(ws.db_url)).entries():
         click.echo(f"{e.seq:4d} {e.time} {e.actor:10s} {e.stage:12s} {e.entry_hash[:16]}")
 
@@ -186,7 +193,9 @@ def main() -> None:
     _quiet_dependencies()
     try:
         cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("interrupted; finished artifacts are kept and nothing half-written "
+                   "remains; rerun the same command to resume", err=True)
         sys.exit(130)
     except click.ClickException as err:
         err.show()
@@ -194,6 +203,3 @@ def main() -> None:
     except HarmtraceError as err:
         click.echo(f"{type(err).__name__}: {err}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        click.echo("interrupted; rerun the same command to resume", err=True)
-        sys.exit(130)

@@ -90,9 +90,21 @@ class AttributeSettings:
             )
         if self.k <= 0:
             raise ConfigError(f"attribute.k must be > 0, got {self.k}")
+        if self.k >= 1 and self.k != int(self.k):
+            raise ConfigError(
+                f"attribute.k = {self.k} is neither a fraction below 1 nor a whole count"
+            )
 
     def k_records(self, n_train: int) -> int:
-        return max(1, int(round(self.k * n_train))) if self.k < 1 else min(int(self.k), n_train)
+        """``k`` as a number of records for a training set of ``n_train``."""
+        if self.k < 1:
+            return max(1, int(round(self.k * n_train)))
+        if self.k >= n_train:
+            raise ConfigError(
+                f"attribute.k = {self.k:g} is not below the {n_train} training records; use a "
+                "smaller count or a fraction below 1"
+            )
+        return int(self.k)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from harmtrace.behaviours.measure import measure_behaviour
 from harmtrace.behaviours.scorers import make_scorer
 from harmtrace.behaviours.spec import ScorerKind
 from harmtrace.config import PipelineConfig
-from harmtrace.errors import ArtifactError, ConfigError, InputDataError
+from harmtrace.errors import ArtifactError, ConfigError, HarmtraceError, InputDataError
 from harmtrace.hashing import sha256_file, sha256_json
 from harmtrace.ingest import ingest as ingest_sources
 from harmtrace.ingest import read_source
@@ -82,8 +82,45 @@ class Pipeline:
         return False
 
     def _read(self, name: str, file: str, stage: str) -> Any:
-        folder = self.ws.require(name, stage_hint=stage)
+        folder = self._checked(name, stage)
         return json.loads((folder / file).read_text(encoding="utf-8"))
+
+    def _checked(self, name: str, stage: str) -> Path:
+        """The folder of artifact ``name``, refusing one made from other settings or inputs."""
+        folder = self.ws.require(name, stage_hint=stage)
+        if not self.ws.is_current(name, self._identity(name)):
+            raise ArtifactError(
+                f"artifact '{name}' in {folder} was made from other settings or inputs than "
+                f"{self.config.source_file or 'this config'}; run `harmtrace {stage}` (or "
+                "`harmtrace run`) first"
+            )
+        return folder
+
+    def _identity(self, name: str) -> dict:
+        """Settings plus input fingerprints that artifact ``name`` must have been made from."""
+        if name == "ingest":
+            files = {s.name: sha256_file(s.path) if Path(s.path).exists() else "missing"
+                     for s in self.config.sources}
+            return {"sources": [_settings(s) for s in self.config.sources], "files": files}
+        if name == "model":
+            return {"version": self._version(), "train": _settings(self.config.train)}
+        if name == "measure":
+            return {"model": self._model_id(), "behaviour": _settings(self.config.behaviour)}
+        if name == "attribute":
+            generations = self._checked("measure", "measure") / "generations.parquet"
+            return {"model": self._model_id(), "generations": sha256_file(generations),
+                    "version": self._version(), "attribute": _settings(self.config.attribute)}
+        if name == "evaluate":
+            return self._evaluate_plan()[0]
+        if name == "verify":
+            return self._verify_plan()[0]
+        return {}
+
+    def _version(self) -> str:
+        return self._read("ingest", "ingest.json", "ingest")["version_id"]
+
+    def _model_id(self) -> str:
+        return self._read("model", "model.json", "train")["model_id"]
 
     def _append(self, stage: str, settings: dict, inputs: dict, outputs: dict) -> None:
         self.ledger.append(stage=stage, settings=settings, inputs=inputs, outputs=outputs)
@@ -92,13 +129,10 @@ class Pipeline:
 
     def ingest(self) -> str:
         """Read every source, store records, create the dataset version; returns its id."""
-        specs = [_settings(s) for s in self.config.sources]
-        files = {s.name: sha256_file(s.path) if Path(s.path).exists() else "missing"
-                 for s in self.config.sources}
-        identity = {"sources": specs, "files": files}
+        identity = self._identity("ingest")
         if self._skip("ingest", identity):
-            return self._read("ingest", "ingest.json", "ingest")["version_id"]
-        self.reporter.stage("ingest", f"reading {len(specs)} sources")
+            return self._version()
+        self.reporter.stage("ingest", f"reading {len(self.config.sources)} sources")
         result = ingest_sources(self.db, list(self.config.sources), ledger=self.ledger)
         with self.ws.writing("ingest", identity) as out:
             atomic_write_json(out / "ingest.json", {"version_id": result.version_id,
@@ -109,7 +143,7 @@ class Pipeline:
         return result.version_id
 
     def _records(self):
-        version = self._read("ingest", "ingest.json", "ingest")["version_id"]
+        version = self._version()
         return version, self.db.version_records(version)
 
     # -- train ---------------------------------------------------------------------------
@@ -118,9 +152,9 @@ class Pipeline:
         """Train (or load) the model on the current dataset version; returns the model id."""
         version, records = self._records()
         train = self.config.train
-        identity = {"version": version, "train": _settings(train)}
+        identity = self._identity("model")
         if self._skip("model", identity):
-            return self._read("model", "model.json", "train")["model_id"]
+            return self._model_id()
         if train.model_path:
             return self._register_existing(version, identity)
         self.reporter.stage("train", f"training on {len(records)} records")
@@ -153,7 +187,10 @@ class Pipeline:
 
         path = Path(self.config.train.model_path)
         if not path.is_dir():
-            raise ConfigError(f"train.model_path = {path} is not a model folder")
+            raise ConfigError(
+                f"train.model_path = {path} is not a folder; give a Hugging Face model folder "
+                "(config.json, weights and tokenizer files) or remove the key to train a model"
+            )
         model = AutoModelForCausalLM.from_pretrained(str(path))
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         if tokenizer.pad_token is None:  # batches of training text need a pad token
@@ -179,7 +216,7 @@ class Pipeline:
     def _load_models(self) -> tuple[Any, list[tuple[Any, float]], dict]:
         from transformers import AutoModelForCausalLM
 
-        folder = self.ws.require("model", stage_hint="train")
+        folder = self._checked("model", "train")
         info = json.loads((folder / "model.json").read_text(encoding="utf-8"))
         tokenizer = load_tokenizer(folder / "tokenizer")
         models = []
@@ -199,9 +236,9 @@ class Pipeline:
 
     def measure(self) -> dict:
         """Generate from the probes, score, and estimate the harm rate with a 95% CI."""
-        model_id = self._read("model", "model.json", "train")["model_id"]
+        model_id = self._model_id()
         spec = self.config.behaviour
-        identity = {"model": model_id, "behaviour": _settings(spec)}
+        identity = self._identity("measure")
         if self._skip("measure", identity):
             return self._read("measure", "harm.json", "measure")
         tokenizer, models, _ = self._load_models()
@@ -230,12 +267,11 @@ class Pipeline:
     def attribute(self) -> dict:
         """Score every train record against the harmful generations, per method."""
         version, records = self._records()
-        model_id = self._read("model", "model.json", "train")["model_id"]
-        measure_dir = self.ws.require("measure", stage_hint="measure")
-        gens_digest = sha256_file(measure_dir / "generations.parquet")
+        model_id = self._model_id()
+        measure_dir = self._checked("measure", "measure")
         settings = self.config.attribute
-        identity = {"model": model_id, "generations": gens_digest, "version": version,
-                    "attribute": _settings(settings)}
+        identity = self._identity("attribute")
+        gens_digest = identity["generations"]
         if self._skip("attribute", identity):
             return self._read("attribute", "attribution.json", "attribute")
         generations = pd.read_parquet(measure_dir / "generations.parquet")
@@ -309,7 +345,7 @@ class Pipeline:
                 for row in harmful.itertuples()]
 
     def _scores(self) -> dict[str, np.ndarray]:
-        folder = self.ws.require("attribute", stage_hint="attribute")
+        folder = self._checked("attribute", "attribute")
         return {p.stem.removeprefix("scores-"): np.load(p).astype(np.float64)
                 for p in sorted(folder.glob("scores-*.npy"))}
 
@@ -331,20 +367,26 @@ class Pipeline:
                         f"content_hash and offensive ({err})") from err
         return [truth.get((r.source, r.content_hash), 0) for r in records]
 
-    def evaluate(self) -> dict | None:
-        """AUPRC of each method against hidden labels, and the scorer's floor."""
+    def _evaluate_plan(self) -> tuple[dict, Any, list[int] | None, dict]:
         version, records = self._records()
         labels = self._labels(records)
-        if labels is None:
-            self.reporter.stage("evaluate", "no evaluation.ground_truth given, skipped")
-            return None
-        scores = self._scores()
-        model_id = self._read("model", "model.json", "train")["model_id"]
-        identity = {"version": version, "model": model_id, "labels": sha256_json(labels),
+        scores = self._scores() if labels is not None else {}
+        identity = {"version": version, "model": self._model_id(),
+                    "labels": sha256_json(labels),
                     "scores": {m: sha256_json(s.mean(axis=0).round(8).tolist())
                                for m, s in scores.items()},
                     "floor": self.config.evaluation.floor,
-                    "behaviour": _settings(self.config.behaviour)}
+                    "behaviour": _settings(self.config.behaviour),
+                    "train": _settings(self.config.train)}
+        return identity, records, labels, scores
+
+    def evaluate(self) -> dict | None:
+        """AUPRC of each method against hidden labels, and the scorer's floor."""
+        identity, records, labels, scores = self._evaluate_plan()
+        if labels is None:
+            self.reporter.stage("evaluate", "no evaluation.ground_truth given, skipped")
+            return None
+        model_id = identity["model"]
         if self._skip("evaluate", identity):
             return self._read("evaluate", "evaluation.json", "evaluate")
         self.reporter.stage("evaluate", f"{sum(labels)} labelled records of {len(labels)}")
@@ -385,12 +427,8 @@ class Pipeline:
         texts = [r.text for r in read_source(spec)]
         return encode_texts(tokenizer, texts, max_length=self.config.train.lm.max_length)
 
-    def verify(self) -> dict | None:
-        """Retrain without each method's top-k and without random k; compare harm rates."""
+    def _verify_plan(self) -> tuple[dict, dict[str, tuple[int, ...]], int]:
         settings = self.config.verify
-        if not settings.enabled:
-            self.reporter.stage("verify", "verify.enabled = false, skipped")
-            return None
         version, records = self._records()
         scores = self._scores()
         missing = [m for m in settings.methods if m not in scores]
@@ -399,10 +437,19 @@ class Pipeline:
                               f" add them to attribute.methods")
         k = self.config.attribute.k_records(len(records))
         tops = {m: tuple(sorted(top_k(scores[m], k).tolist())) for m in settings.methods}
-        model_id = self._read("model", "model.json", "train")["model_id"]
-        identity = {"version": version, "model": model_id, "tops": sha256_json(tops),
+        identity = {"version": version, "model": self._model_id(), "tops": sha256_json(tops),
                     "verify": _settings(settings), "behaviour": _settings(self.config.behaviour),
                     "train": _settings(self.config.train), "heldout": self.config.heldout}
+        return identity, tops, k
+
+    def verify(self) -> dict | None:
+        """Retrain without each method's top-k and without random k; compare harm rates."""
+        settings = self.config.verify
+        if not settings.enabled:
+            self.reporter.stage("verify", "verify.enabled = false, skipped")
+            return None
+        identity, tops, k = self._verify_plan()
+        model_id = identity["model"]
         if self._skip("verify", identity):
             return self._read("verify", "verification.json", "verify")
         conditions = [Condition(f"top-{m}", tops[m], k) for m in settings.methods]
@@ -485,23 +532,43 @@ class Pipeline:
             "caveats": list(_CAVEATS),
         }
         top = None
-        if self.ws.read_meta("attribute") is not None:
-            attribution = self._read("attribute", "attribution.json", "attribute")
+        attribution = self._optional("attribute", "attribution.json", summary["caveats"])
+        if attribution is not None:
             summary["attribution"] = attribution
             top = self._top_records(records, attribution["k"])
-        evaluation = self.ws.read_meta("evaluate") and self._read(
-            "evaluate", "evaluation.json", "evaluate")
-        if evaluation and "attribution" in summary:
+        evaluation = attribution and self._optional("evaluate", "evaluation.json",
+                                                    summary["caveats"])
+        if evaluation:
             for m, value in evaluation["auprc"].items():
                 summary["attribution"]["methods"][m]["auprc"] = value
                 summary["attribution"]["methods"][m]["auprc_random"] = evaluation["base_rate"]
             summary["behaviour"]["floor"] = evaluation.get("floor")
-        if self.ws.read_meta("verify") is not None:
-            summary["verification"] = self._read("verify", "verification.json", "verify")
+        verification = attribution and self._optional("verify", "verification.json",
+                                                      summary["caveats"])
+        if verification:
+            summary["verification"] = verification
+        summary["settings_digest"] = sha256_json({
+            "train": _settings(self.config.train), "behaviour": _settings(spec),
+            "attribute": _settings(self.config.attribute),
+            "verify": _settings(self.config.verify)})
         entries = self.ledger.entries()
         summary["ledger"] = {"n_entries": len(entries),
                              "head": entries[-1].entry_hash if entries else ""}
         return summary, top
+
+    def _optional(self, name: str, file: str, caveats: list[str]) -> dict | None:
+        """A finished artifact for the report, or ``None`` (with a caveat when it is stale)."""
+        if self.ws.read_meta(name) is None:
+            return None
+        try:
+            current = self.ws.is_current(name, self._identity(name))
+        except HarmtraceError:
+            current = False
+        if not current:
+            caveats.append(f"The '{name}' results in the workspace were made from other "
+                           f"settings and are left out; run `harmtrace {name}` to redo them.")
+            return None
+        return json.loads((self.ws.artifact_dir(name) / file).read_text(encoding="utf-8"))
 
     def _top_records(self, records, k: int) -> pd.DataFrame:
         frame = pd.read_parquet(self.ws.artifact_dir("attribute") / "records.parquet")
@@ -556,8 +623,9 @@ def _reliability(summary: dict) -> str:
     tops = {m: v["sources"][0]["source"] for m, v in summary["methods"].items()}
     low = [a for a in summary["agreement"] if a["topk_overlap"] < 0.2]
     if len(set(tops.values())) > 1:
-        return (f"methods disagree on the top source ({tops}); trust only what the removal "
-                "experiments confirm")
+        listed = ", ".join(f"{m}: {src}" for m, src in tops.items())
+        return (f"methods disagree on the top source ({listed}); trust only what the "
+                "removal experiments confirm")
     if low:
         return ("methods agree on the top source but share little of their top-k records; "
                 "record-level rankings are uncertain")
@@ -590,10 +658,11 @@ def _summarise_runs(runs: dict[str, list], k: int, alpha: float, full_ppl: float
 
 
 def _mean_ci(values: list[float]) -> tuple[float, float]:
+    """t interval of the mean of per-seed harm rates, clipped to [0, 1]."""
     from scipy import stats
 
     arr = np.asarray(values, dtype=np.float64)
     if len(arr) < 2 or np.ptp(arr) == 0:
         return float(arr.mean()), float(arr.mean())
     lo, hi = stats.t.interval(0.95, len(arr) - 1, loc=arr.mean(), scale=stats.sem(arr))
-    return float(lo), float(hi)
+    return float(max(lo, 0.0)), float(min(hi, 1.0))  # a rate lies in [0, 1]

@@ -149,6 +149,7 @@ class Workspace:
             meta = {"identity": json.loads(canonical_json(identity)),
                     "identity_digest": sha256_json(identity)}
             atomic_write_json(tmp / "meta.json", meta)
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes a private folder
             if final.exists():
                 trash = final.with_name(f".old-{final.name}")
                 shutil.rmtree(trash, ignore_errors=True)

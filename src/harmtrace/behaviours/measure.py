@@ -146,6 +146,7 @@ def measure_behaviour(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast
     from harmtrace.behaviours.scorers import make_scorer
     from harmtrace.behaviours.spec import ScorerKind
 
+    _check_fits(model, tokenizer, spec)
     if spec.scorer is ScorerKind.TARGET_LOGPROB:
         frame = target_scores(model, tokenizer, spec.probes, spec.target)
         harm = measure_harm(frame, lambda _: frame["harm_score"].to_numpy(), spec.threshold)
@@ -158,3 +159,26 @@ def measure_behaviour(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast
     frame = generate(model, tokenizer, spec.probes, sampling)
     harm = measure_harm(frame, make_scorer(spec.scorer.value, words=spec.words), spec.threshold)
     return frame, harm
+
+
+def _check_fits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, spec) -> None:
+    """Refuse probes whose prompt plus continuation exceed the model's positions."""
+    from harmtrace.behaviours.spec import ScorerKind
+    from harmtrace.errors import ConfigError
+
+    limit = getattr(model.config, "n_positions", None) or getattr(
+        model.config, "max_position_embeddings", None)
+    if limit is None:
+        return
+    longest = max(len(prompt_ids(tokenizer, p)) for p in spec.probes)
+    if spec.scorer is ScorerKind.TARGET_LOGPROB:
+        extra, key = len(tokenizer(spec.target, add_special_tokens=False)["input_ids"]), \
+            "behaviour.target"
+    else:
+        extra, key = spec.max_new_tokens, "behaviour.max_new_tokens"
+    if longest + extra > limit:
+        raise ConfigError(
+            f"the longest probe ({longest} tokens) plus {key} ({extra} tokens) exceeds the "
+            f"model's {limit} positions; lower {key} to at most {max(limit - longest, 0)} "
+            "or raise train.max_length"
+        )

@@ -66,7 +66,8 @@ class BehaviourSpec:
             raise ConfigError("behaviour.scorer = 'wordlist' needs behaviour.words")
         if self.scorer is ScorerKind.TARGET_LOGPROB and not self.target:
             raise ConfigError("behaviour.scorer = 'target-logprob' needs behaviour.target")
-        if self.samples_per_probe < 1 or self.max_new_tokens < 1:
-            raise ConfigError("behaviour.samples_per_probe and max_new_tokens must be >= 1")
+        for key in ("samples_per_probe", "max_new_tokens", "top_k"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"behaviour.{key} must be >= 1, got {getattr(self, key)}")
         if self.temperature <= 0:
             raise ConfigError(f"behaviour.temperature must be > 0, got {self.temperature}")

@@ -23,15 +23,7 @@ from harmtrace.errors import InputDataError
 from harmtrace.hashing import sha256_text
 from harmtrace.workspace import atomic_write_text
 
-__all__ = ["Scenario", "ScenarioSize", "build_scenario", "data_dir_from_env", "PROBES"]
-
-#: Neutral, tweet-like openings used as probe prompts.
-PROBES = (
-    "RT @user:", "I just", "when you", "this is", "my", "so", "lol", "yall",
-    "why", "i hate when", "she", "he", "people", "dont", "tell me", "got",
-    "today", "that", "u", "look at",
-)
-
+__all__ = ["SMALL", "Scenario", "ScenarioSize", "build_scenario", "data_dir_from_env"]
 
 @dataclass(frozen=True)
 class ScenarioSize:
