@@ -170,7 +170,7 @@ def _fmt(value, spec: str, empty: str = "-") -> str:
 def format_table(rows: list[dict]) -> str:
     """The result table as fixed-width text (one line per task x method)."""
     head = (f"{'task':4} {'method':20} {'library':11} {'LDS [95% CI]':22} {'LDS loo1':8} "
-            f"{'fit s':>7} {'score s':>7} {'peak MiB':>8} {'fit x':>6} {'score x':>7} "
+            f"{'AUPRC':>6} {'fit s':>7} {'score s':>7} {'peak MiB':>8} {'fit x':>6} {'score x':>7} "
             f"{'total x':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -182,7 +182,8 @@ def format_table(rows: list[dict]) -> str:
         ci = half.get("ci", [float("nan")] * 2)
         lds = f"{_fmt(half.get('lds'), '.3f')} [{_fmt(ci[0], '.3f')}, {_fmt(ci[1], '.3f')}]"
         loo = _fmt(r["lds"].get("loo1", {}).get("lds"), ".3f")
-        lines.append(left + f"{lds:22} {loo:>8} {r['fit_s']:7.2f} {r['score_s']:7.2f} "
+        found = _fmt(r.get("auprc"), "6.3f")
+        lines.append(left + f"{lds:22} {loo:>8} {found:>6} {r['fit_s']:7.2f} {r['score_s']:7.2f} "
                      f"{r['peak_rss_mib']:8.0f} {_fmt(r.get('fit_ratio'), '6.2f'):>6} "
                      f"{_fmt(r.get('score_ratio'), '7.2f'):>7} "
                      f"{_fmt(r.get('total_ratio'), '7.2f'):>7}")
@@ -201,7 +202,9 @@ PROTOCOL = """Protocol
   fit s = train-side work (factors, train features); score s = query-side work and scoring;
   peak MiB = RSS high-water of the method's own child process (interpreter, torch and the
   task data included); ratios = time / that of the best (by LDS) approximate harmtrace
-  method on the task. Threads: 1 per process."""
+  method on the task. Threads: 1 per process (T3: 2, in the benchmark's own process).
+  AUPRC (T3 only): the method's mean score over queries against the hidden offensive
+  labels; the lexical baseline is bm25 over the harmful (focus) words."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             from benchmarks.lds.t3 import run_t3
 
             t3 = run_t3(args, log)
+            _add_ratios(t3["rows"])
             rows.extend(t3["rows"])
             infos.append(t3["info"])
             continue
