@@ -25,12 +25,15 @@ from benchmarks.lds.tasks import BenchTask
 __all__ = ["kronfluence_scores"]
 
 
-def _make_task(bench: BenchTask):
+def _make_task(bench: BenchTask, modules: list[str]):
     from kronfluence.task import Task
 
     attr = bench.attr_task
 
     class _Task(Task):
+        def get_influence_tracked_modules(self) -> list[str]:
+            return modules
+
         def compute_train_loss(self, batch, model, sample: bool = False) -> torch.Tensor:
             if bench.name == "T1":
                 logits = model(batch["x"])  # (B, 10)
@@ -61,6 +64,22 @@ class _Listed(torch.utils.data.Dataset):
         return self.examples[index]
 
 
+def _linearised(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with every GPT-2 ``Conv1D`` replaced by an equal ``nn.Linear`` (in place)."""
+    from transformers.pytorch_utils import Conv1D
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Conv1D):
+                d_in, d_out = child.weight.shape  # Conv1D stores (in, out): y = x W + b
+                linear = torch.nn.Linear(d_in, d_out, dtype=child.weight.dtype)
+                with torch.no_grad():
+                    linear.weight.copy_(child.weight.T)
+                    linear.bias.copy_(child.bias)
+                setattr(parent, name, linear)
+    return model
+
+
 def kronfluence_scores(bench: BenchTask, model: torch.nn.Module, clock,
                        strategy: str = "ekfac") -> np.ndarray:
     """Pairwise kronfluence scores ``(n_query, n_train)``, harmtrace's sign."""
@@ -70,9 +89,12 @@ def kronfluence_scores(bench: BenchTask, model: torch.nn.Module, clock,
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.utils.dataset import DataLoaderKwargs
 
+    from harmtrace.attribute.layers import tracked_modules
+
     torch.manual_seed(0)
-    task = _make_task(bench)
-    model = prepare_model(copy.deepcopy(model).float().eval(), task)
+    # the modules harmtrace tracks (GPT-2's output head, tied to the embedding, is not one)
+    task = _make_task(bench, tracked_modules(model))
+    model = prepare_model(_linearised(copy.deepcopy(model).float().eval()), task)
     collate = DataLoaderKwargs(collate_fn=bench.attr_task.collate, num_workers=0)
     with tempfile.TemporaryDirectory() as out:
         analyzer = Analyzer(analysis_name="lds", model=model, task=task, cpu=True,
