@@ -39,12 +39,15 @@ class ConsoleReporter:
             console.print(f"  {message}", highlight=False)
 
 
-def _pipeline(config: str, workspace: str | None, quiet: bool, force: bool = False):
-    from harmtrace.config import load_config
+def _pipeline(config: str, workspace: str | None, quiet: bool, force: bool = False,
+              methods: tuple[str, ...] = ()):
+    from harmtrace.config import load_config, with_methods
     from harmtrace.pipeline import Pipeline
 
-    return Pipeline(load_config(config), workspace=workspace,
-                    reporter=ConsoleReporter(quiet), force=force)
+    settings = load_config(config)
+    if methods:  # validated before the workspace is opened
+        settings = with_methods(settings, methods)
+    return Pipeline(settings, workspace=workspace, reporter=ConsoleReporter(quiet), force=force)
 
 
 @click.group()
@@ -90,12 +93,25 @@ for _name, _help in [
     ("ingest", "Read the sources into the database and create a dataset version."),
     ("train", "Train the model (or register train.model_path) on the dataset version."),
     ("measure", "Generate from the probes and measure the harm rate with a 95% CI."),
-    ("attribute", "Score training records against the harmful generations."),
     ("evaluate", "Score attribution against hidden labels (evaluation.ground_truth)."),
     ("verify", "Retrain without top-k and random-k records; test the difference."),
     ("report", "Write report.html, report.md and summary.json."),
 ]:
     _stage_command(_name, _help)
+
+
+@cli.command()
+@_config_arg
+@_ws_opt
+@_quiet_opt
+@_force_opt
+@click.option("--method", "-m", "methods", multiple=True, metavar="NAME[,NAME...]",
+              help="Run these methods instead of attribute.methods (repeatable, or a comma "
+                   "list), e.g. --method ekfac --method bm25.")
+def attribute(config: str, workspace: str | None, quiet: bool, force: bool,
+              methods: tuple[str, ...]) -> None:
+    """Score training records against the harmful generations."""
+    _pipeline(config, workspace, quiet, force, methods).attribute()
 
 
 @cli.command()

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
 from pathlib import Path
@@ -36,9 +38,12 @@ __all__ = [
     "EvaluationSettings",
     "PipelineConfig",
     "TrainSettings",
+    "TrakEnsemble",
     "VerifySettings",
     "load_config",
     "parse_config",
+    "parse_methods",
+    "with_methods",
 ]
 
 
@@ -59,15 +64,45 @@ class Preconditioner(StrEnum):
     ADAM = "adam"
 
 
+class TrakEnsemble(StrEnum):
+    """The models TRAK averages over: every saved checkpoint, or the final model only."""
+
+    CHECKPOINTS = "checkpoints"
+    FINAL = "final"
+
+
 @dataclass(frozen=True)
 class AttributeSettings:
-    """Which methods run, the projection, and ``k`` for top-k summaries.
+    """Which methods run, their settings, and ``k`` for top-k summaries.
 
-    ``projection_dim = 0`` (default) keeps gradients exact; a positive value projects them
-    with a seeded Gaussian matrix. ``k`` below 1 is a fraction of the training records; 1 or
-    more is a count. ``parameters`` restricts gradients to parameter names containing one of
-    the given substrings (default: every trainable parameter). ``preconditioner`` (none,
-    diagonal or adam) and ``damping`` set the gradient inner product.
+    methods:
+        Names from :func:`harmtrace.attribute.methods.method_names`, each once.
+    projection_dim:
+        >= 0 (default 0: exact gradients) for graddot, gradcos and tracin; a positive value
+        projects them with a seeded Gaussian matrix.
+    seed:
+        >= 0; seeds every projection and the sampled targets of the influence curvature.
+    k:
+        Below 1 a fraction of the training records, 1 or more a count.
+    batch_size:
+        >= 1 records per gradient batch, for every model-based method.
+    parameters:
+        Substrings of parameter names to include (default: every trainable parameter);
+        ekfac, kfac and logra keep the Linear/Conv1D layers whose parameters match.
+    preconditioner, damping:
+        Inner product of the gradient methods (none, diagonal or adam) and its damping, a
+        fraction (>= 0) of the mean curvature; ``damping`` is also TRAK's relative lambda.
+    influence_damping:
+        ekfac and kfac: a number >= 0 added to every eigenvalue, or ``None`` (omit the key)
+        for 0.1 x the mean eigenvalue of each module (Grosse et al. 2023).
+    trak_projection_dim:
+        >= 0 (default 2048; 0: unprojected) TRAK's projection dimension.
+    trak_ensemble:
+        :class:`TrakEnsemble`, default every saved checkpoint.
+    logra_k_in, logra_k_out:
+        >= 1 (default 16 each), LoGra's projection width of each layer's input and output.
+    exact_max_gib:
+        > 0 (default 4), the largest unrolled training graph the exact method builds.
     """
 
     methods: tuple[str, ...] = ("gradcos", "graddot", "tracin", "bm25")
@@ -78,16 +113,40 @@ class AttributeSettings:
     parameters: tuple[str, ...] = ()
     preconditioner: Preconditioner = Preconditioner.NONE
     damping: float = 1e-3
+    influence_damping: float | None = None
+    trak_projection_dim: int = 2048
+    trak_ensemble: TrakEnsemble = TrakEnsemble.CHECKPOINTS
+    logra_k_in: int = 16
+    logra_k_out: int = 16
+    exact_max_gib: float = 4.0
 
     def __post_init__(self) -> None:
-        if self.damping < 0:
-            raise ConfigError(f"attribute.damping must be >= 0, got {self.damping}")
-        unknown = [m for m in self.methods if m not in method_names()]
-        if unknown or not self.methods:
+        set_ = object.__setattr__
+        set_(self, "methods", parse_methods(self.methods))
+        for name, low in (("projection_dim", 0), ("seed", 0), ("batch_size", 1),
+                          ("trak_projection_dim", 0), ("logra_k_in", 1), ("logra_k_out", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"attribute.{name} must be an integer >= {low}, got "
+                                  f"{value!r}")
+        if not _number(self.damping) or self.damping < 0:
+            raise ConfigError(f"attribute.damping must be a number >= 0, got {self.damping!r}")
+        if self.influence_damping is not None and (
+                not _number(self.influence_damping) or self.influence_damping < 0):
             raise ConfigError(
-                f"attribute.methods has {unknown or 'nothing'}; choose from "
-                f"{', '.join(method_names())}"
-            )
+                f"attribute.influence_damping must be a number >= 0, got "
+                f"{self.influence_damping!r}; leave the key out for the default (0.1 x the "
+                "mean eigenvalue of each module)")
+        if self.influence_damping is not None:
+            set_(self, "influence_damping", float(self.influence_damping))
+        if not _number(self.exact_max_gib) or self.exact_max_gib <= 0:
+            raise ConfigError(f"attribute.exact_max_gib must be a number > 0, got "
+                              f"{self.exact_max_gib!r}")
+        try:
+            set_(self, "trak_ensemble", TrakEnsemble(self.trak_ensemble))
+        except ValueError:
+            raise ConfigError(f"attribute.trak_ensemble = {self.trak_ensemble!r} is not one "
+                              f"of {[e.value for e in TrakEnsemble]}") from None
         if self.k <= 0:
             raise ConfigError(f"attribute.k must be > 0, got {self.k}")
         if self.k >= 1 and self.k != int(self.k):
@@ -105,6 +164,32 @@ class AttributeSettings:
                 "smaller count or a fraction below 1"
             )
         return int(self.k)
+
+
+def _number(value: object) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def parse_methods(methods: str | Sequence[str]) -> tuple[str, ...]:
+    """Method names as a tuple: a list, or one string of comma-separated names.
+
+    Raises :class:`ConfigError` for an empty list, an unknown name (listing the valid ones)
+    or a name given twice.
+    """
+    items = [methods] if isinstance(methods, str) else list(methods)
+    names = tuple(part.strip() for item in items for part in str(item).split(",")
+                  if part.strip())
+    valid = method_names()
+    unknown = [m for m in names if m not in valid]
+    if unknown or not names:
+        raise ConfigError(f"attribute.methods has {unknown or 'nothing'}; choose from "
+                          f"{', '.join(valid)}")
+    twice = sorted({m for m in names if names.count(m) > 1})
+    if twice:
+        raise ConfigError(f"attribute.methods lists {twice} more than once; give each "
+                          "method once")
+    return names
 
 
 @dataclass(frozen=True)
@@ -253,6 +338,13 @@ def parse_config(data: dict, *, origin: str = "<config>", base: Path | None = No
         top_records=int(report.get("top_records", 20)),
         source_file=origin,
     )
+
+
+def with_methods(config: PipelineConfig, methods: str | Sequence[str]) -> PipelineConfig:
+    """``config`` with ``attribute.methods`` replaced by ``methods`` (a list of names or a
+    comma-separated string), validated like the config key."""
+    attribute = dataclasses.replace(config.attribute, methods=parse_methods(methods))
+    return dataclasses.replace(config, attribute=attribute)
 
 
 def load_config(path: str | Path) -> PipelineConfig:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -21,13 +22,14 @@ import torch
 from harmtrace import __version__
 from harmtrace._logging import get_logger
 from harmtrace.attribute.gradients import trainable_parameters
-from harmtrace.attribute.methods import METHODS, AttributionInputs, compute_scores
-from harmtrace.attribute.rollup import agreement, auprc, records_frame, rollup_sources, top_k
+from harmtrace.attribute.methods import METHODS, AttributionInputs, LMTraining, run_method
+from harmtrace.attribute.rollup import auprc, records_frame, rollup_sources, top_k
+from harmtrace.attribute.triangulate import method_agreement, overall_hint, source_agreement
 from harmtrace.behaviours.focus import FocusedQuery, focus_tokens
 from harmtrace.behaviours.measure import measure_behaviour
 from harmtrace.behaviours.scorers import make_scorer
 from harmtrace.behaviours.spec import ScorerKind
-from harmtrace.config import PipelineConfig
+from harmtrace.config import PipelineConfig, with_methods
 from harmtrace.errors import ArtifactError, ConfigError, HarmtraceError, InputDataError
 from harmtrace.hashing import sha256_file, sha256_json
 from harmtrace.ingest import ingest as ingest_sources
@@ -264,8 +266,20 @@ class Pipeline:
         return encode_texts(tokenizer, [r.text for r in records],
                             max_length=self.config.train.lm.max_length)
 
-    def attribute(self) -> dict:
-        """Score every train record against the harmful generations, per method."""
+    def attribute(self, *, methods: str | Sequence[str] | None = None) -> dict:
+        """Score every train record against the harmful generations, per method.
+
+        ``methods`` (a list of names or one comma-separated string) replaces
+        ``attribute.methods`` of this pipeline's config, for this stage and the later ones;
+        the artifact's identity includes the methods, so another list recomputes.
+
+        Writes ``scores-{method}.npy`` ``(n_query, n_train)`` (positive: the record made the
+        harmful tokens more likely), ``scores-{method}.json`` (sign, normalisation, damping,
+        projection dimension and parameters actually used, tokenizer, citation) and
+        ``attribution.json`` (source roll-ups, method agreement, the same metadata).
+        """
+        if methods is not None:
+            self.config = with_methods(self.config, methods)
         version, records = self._records()
         model_id = self._model_id()
         measure_dir = self._checked("measure", "measure")
@@ -285,31 +299,30 @@ class Pipeline:
         self.reporter.stage("attribute", f"{len(harmful)} harmful generations x "
                             f"{len(records)} records, methods {', '.join(settings.methods)}")
         queries = self._queries(harmful, tokenizer)
-        inputs = AttributionInputs(
-            train_sequences=self._train_sequences(tokenizer, records),
-            train_texts=[r.text for r in records], queries=queries, checkpoints=models,
-            projection_dim=settings.projection_dim, seed=settings.seed,
-            batch_size=settings.batch_size, parameters=settings.parameters,
-            preconditioner=settings.preconditioner.value, damping=settings.damping,
-            progress=self.reporter.step,
-        )
-        all_scores = {m: compute_scores(m, inputs) for m in settings.methods}
+        inputs = self._attribution_inputs(records, queries, tokenizer, models)
+        results = {m: run_method(m, inputs) for m in settings.methods}
+        all_scores = {m: r.scores for m, r in results.items()}
+        tokenizer_info = {"bos": tokenizer.bos_token, "eos": tokenizer.eos_token,
+                          "pad": tokenizer.pad_token,
+                          "max_length": self.config.train.lm.max_length}
+        metadata = {m: {**r.metadata, "tokenizer": tokenizer_info, "loss": _LOSS,
+                        "n_query": len(queries), "n_train": len(records)}
+                    for m, r in results.items()}
         k = settings.k_records(len(records))
         sources = [r.source for r in records]
         summary = {
             "k": k, "n_queries": len(queries), "n_train": len(records),
             "sign": _SIGN,
-            "loss": "query: summed token NLL over its focus tokens; train record: summed token "
-                    "NLL over all its tokens; no 1/n factor",
-            "methods": {m: {"description": METHODS[m][1], "sign": _SIGN,
+            "loss": _LOSS,
+            "methods": {m: {"description": METHODS[m].description, "sign": _SIGN,
+                            "citation": METHODS[m].citation, "metadata": metadata[m],
                             "sources": rollup_sources(s, sources, k=k, seed=settings.seed)}
                         for m, s in all_scores.items()},
-            "agreement": agreement(all_scores, k=k),
+            **_triangulation(all_scores, sources, k),
             "settings": _settings(settings),
-            "projection_dim_used": _projection_dim(inputs),
+            "projection_dim_used": {m: metadata[m]["projection_dim"] for m in all_scores},
             "parameters": list(trainable_parameters(models[-1][0], settings.parameters)),
-            "tokenizer": {"bos": tokenizer.bos_token, "eos": tokenizer.eos_token,
-                          "max_length": self.config.train.lm.max_length},
+            "tokenizer": tokenizer_info,
             "focused_queries": int(sum(q.focused for q in queries)),
         }
         summary["reliability"] = _reliability(summary)
@@ -318,6 +331,7 @@ class Pipeline:
         with self.ws.writing("attribute", identity) as out:
             for m, s in all_scores.items():
                 np.save(out / f"scores-{m}.npy", s.astype(np.float32))
+                atomic_write_json(out / f"scores-{m}.json", metadata[m])
             frame.drop(columns=["text"]).to_parquet(out / "records.parquet")
             pd.DataFrame({"words": [q.words for q in queries],
                           "focused": [q.focused for q in queries]}).to_parquet(
@@ -331,7 +345,28 @@ class Pipeline:
         for m in settings.methods:
             top = summary["methods"][m]["sources"][0]
             self.reporter.note(f"{m}: top source {top['source']} (score {top['score']:.4g})")
+        self.reporter.note(f"agreement: {summary['agreement_hint']}")
         return summary
+
+    def _attribution_inputs(self, records, queries, tokenizer, models) -> AttributionInputs:
+        settings = self.config.attribute
+        train = self.config.train
+        # the exact replay needs the training the train stage ran; none for a loaded model
+        training = None if train.model_path else LMTraining(train.lm, train.seed, tokenizer)
+        return AttributionInputs(
+            train_sequences=self._train_sequences(tokenizer, records),
+            train_texts=[r.text for r in records], queries=queries, checkpoints=models,
+            projection_dim=settings.projection_dim, seed=settings.seed,
+            batch_size=settings.batch_size, parameters=settings.parameters,
+            preconditioner=settings.preconditioner.value, damping=settings.damping,
+            progress=self.reporter.step,
+            pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+            influence_damping=settings.influence_damping,
+            trak_projection_dim=settings.trak_projection_dim,
+            trak_ensemble=settings.trak_ensemble.value,
+            logra_k_in=settings.logra_k_in, logra_k_out=settings.logra_k_out,
+            training=training, exact_max_bytes=int(settings.exact_max_gib * 2**30),
+        )
 
     def _queries(self, harmful: pd.DataFrame, tokenizer) -> list[FocusedQuery]:
         scorer = self._scorer()
@@ -594,6 +629,10 @@ class Pipeline:
 
 
 _SIGN = "positive = the record made the harmful tokens more likely"
+_ONE_METHOD = ("one method only, nothing cross-checks it: treat the ranking as a hypothesis, "
+               "verify by retraining")
+_LOSS = ("query: summed token NLL over its focus tokens; train record: summed token NLL over "
+         "all its tokens; no 1/n factor unless the method's normalisation says otherwise")
 
 _CAVEATS = (
     ("Attribution scores are first-order estimates; only the removal experiments test "
@@ -609,27 +648,33 @@ _CAVEATS = (
 )
 
 
-def _projection_dim(inputs: AttributionInputs) -> int | None:
-    for kernel in inputs._kernels.values():
-        return kernel.dim
-    return None
-
-
 def _n_params(model: torch.nn.Module) -> int:
     return int(sum(p.numel() for p in model.parameters()))
 
 
+def _triangulation(all_scores: dict[str, np.ndarray], sources: list[str], k: int) -> dict:
+    """Agreement of the methods on records and on sources, and the overall hint
+    (:mod:`harmtrace.attribute.triangulate`); ``topk_overlap`` is the top-k share, the field
+    older reports read."""
+    if len(all_scores) < 2:
+        return {"agreement": [], "source_agreement": [],
+                "agreement_hint": _ONE_METHOD}
+    pairs = method_agreement(all_scores, k=k)
+    by_source = source_agreement(all_scores, sources)
+    return {"agreement": [{**p.as_dict(), "topk_overlap": p.topk_share} for p in pairs],
+            "source_agreement": [p.as_dict() for p in by_source],
+            "agreement_hint": overall_hint([*pairs, *by_source])}
+
+
 def _reliability(summary: dict) -> str:
     tops = {m: v["sources"][0]["source"] for m, v in summary["methods"].items()}
-    low = [a for a in summary["agreement"] if a["topk_overlap"] < 0.2]
+    hint = summary["agreement_hint"]
+    if len(tops) < 2:
+        return hint
     if len(set(tops.values())) > 1:
         listed = ", ".join(f"{m}: {src}" for m, src in tops.items())
-        return (f"methods disagree on the top source ({listed}); trust only what the "
-                "removal experiments confirm")
-    if low:
-        return ("methods agree on the top source but share little of their top-k records; "
-                "record-level rankings are uncertain")
-    return "methods agree on the top source and overlap in their top-k records"
+        return f"{hint} (top source: {listed}); trust only what removal experiments confirm"
+    return f"{hint}; every method ranks source {next(iter(tops.values()))} first"
 
 
 def _summarise_runs(runs: dict[str, list], k: int, alpha: float, full_ppl: float | None,

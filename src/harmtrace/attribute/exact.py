@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch.func import functional_call
 
-from harmtrace.attribute.task import AttributionTask, LMTask
+from harmtrace.attribute.task import AttributionTask, LMTask, check_examples, per_example
 from harmtrace.errors import ConfigError, NumericalError
 
 __all__ = [
@@ -333,7 +333,7 @@ def _denominator(spec: ReplaySpec, task: AttributionTask, batch: dict) -> int:
         return next(iter(batch.values())).shape[0]
     if not isinstance(task, LMTask):
         raise ConfigError("ReplaySpec.normalisation = 'tokens' needs an LMTask; use 'records'")
-    return max(int((batch["labels"][:, 1:] != -100).sum()), 1)
+    return max(int((task.targets(batch) != -100).sum()), 1)
 
 
 def _split(model: torch.nn.Module) -> tuple[dict, dict]:
@@ -359,11 +359,14 @@ def _trajectory(spec: ReplaySpec, model: torch.nn.Module, task: AttributionTask,
     steps = spec.batches(len(train))
     # collated once and sliced per step: a record's loss never depends on its batch (task.py)
     every = _cast_batch(task.collate(list(train)), dtype)
+    if hasattr(task, "check_batch"):
+        task.check_batch(every, list(range(len(train))))
     state: dict = {}
     for step, rows in enumerate(steps):
         index = torch.as_tensor(rows)
         batch = {k: v[index] for k, v in every.items()}
-        losses = task.train_loss(_Bound(model, {**constants, **params}), batch)  # (B,)
+        losses = per_example(task.train_loss(_Bound(model, {**constants, **params}), batch),
+                             batch, what="the task's train loss")  # (B,)
         finite = torch.isfinite(losses.detach())
         if not finite.all():
             bad = int(rows[int((~finite).nonzero()[0])])
@@ -392,6 +395,7 @@ def train_weighted(spec: ReplaySpec, model_factory: ModelFactory, task: Attribut
     Returns the trained model in eval mode. Deterministic: the same spec, factory, examples
     and weights give a bit-identical model on the same machine and thread count.
     """
+    check_examples(train_examples, argument="train_examples")
     model = _build(spec, model_factory)
     dtype = next(iter(_params_of(model).values())).dtype
     w = _as_weights(weights, len(train_examples), dtype)
@@ -449,7 +453,9 @@ def exact_scores(spec: ReplaySpec, model_factory: ModelFactory, task: Attributio
     """
     if query_chunk < 1:
         raise ConfigError(f"query_chunk must be >= 1, got {query_chunk}")
-    if not train or not queries:
+    check_examples(train, argument="train")
+    check_examples(queries, argument="queries")
+    if not len(train) or not len(queries):
         raise ConfigError(f"exact_scores needs train and query examples, got {len(train)} "
                           f"train and {len(queries)} queries")
     need = replay_memory_bytes(spec, model_factory, task, train)
@@ -475,7 +481,8 @@ def exact_scores(spec: ReplaySpec, model_factory: ModelFactory, task: Attributio
     for start in range(0, len(queries), query_chunk):
         rows = list(range(start, min(start + query_chunk, len(queries))))
         batch = _cast_batch(task.collate([queries[i] for i in rows]), dtype)
-        losses = task.query_loss(bound, batch)  # (len(rows),)
+        losses = per_example(task.query_loss(bound, batch), batch,
+                             what="the task's query loss")  # (len(rows),)
         for b, i in enumerate(rows):
             if not torch.isfinite(losses[b]):
                 raise NumericalError(f"the final loss of query {i} is not finite")

@@ -28,18 +28,24 @@ __all__ = [
 def trainable_parameters(model: torch.nn.Module, include: Sequence[str] = ()) -> dict:
     """Name -> parameter for parameters that require grad (tied weights appear once).
 
-    ``include`` keeps only names containing one of the given substrings; naming only
-    frozen parameters is an error, never a silent block of zeros.
+    ``include`` keeps only names containing one of the given substrings; a substring that
+    matches no trainable parameter (only frozen ones, or none) is an error naming it, never
+    a silent block of zeros or a silently dropped entry.
     """
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if isinstance(include, str):
+        include = (include,)
     if include:
-        params = {n: p for n, p in params.items() if any(s in n for s in include)}
-        if not params:
-            frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+        for sub in include:
+            if any(sub in n for n in params):
+                continue
+            frozen = [n for n, p in model.named_parameters() if sub in n and not p.requires_grad]
+            what = (f"only frozen parameters (requires_grad=False): {frozen[:5]}" if frozen
+                    else "no parameter of the model")
             raise ConfigError(
-                f"attribute.parameters = {list(include)} matches no trainable parameter "
-                f"(frozen parameters: {frozen[:5]}...); name trainable modules"
-            )
+                f"parameters entry {sub!r} matches {what}; name trainable parameters, e.g. "
+                f"{list(params)[:5]}, or unfreeze the module to attribute it")
+        params = {n: p for n, p in params.items() if any(s in n for s in include)}
     return params
 
 

@@ -64,6 +64,7 @@ from harmtrace.attribute.layers import (
     module_info,
     tracked_modules,
 )
+from harmtrace.attribute.task import LMTask, check_examples
 from harmtrace.errors import ArtifactError, ConfigError, NumericalError
 
 __all__ = [
@@ -201,6 +202,7 @@ class InfluenceFactors:
             "fisher": self.settings.fisher.value,
             "settings": self.settings.to_dict(),
             "modules": list(self.modules),
+            "parameters": _parameter_names(self.modules, self.info),
             "damping": dict(self.damping),
             "damping_rule": ("given" if self.settings.damping is not None
                              else "0.1 x mean eigenvalue per module"),
@@ -249,6 +251,12 @@ class InfluenceFactors:
                    n_tokens=meta["n_tokens_fitted"])
 
 
+def _parameter_names(modules: Sequence[str], info: dict[str, ModuleInfo]) -> list[str]:
+    """Names of the parameters attributed: each tracked module's weight and trainable bias."""
+    return [f"{m}.{p}" for m in modules for p in ("weight", "bias")
+            if p == "weight" or info[m].has_bias]
+
+
 @dataclass
 class InfluenceResult:
     """``scores (n_query, n_train)`` float64; ``scores[i, j] > 0``: record j helped query i.
@@ -273,6 +281,7 @@ def fit_factors(model: torch.nn.Module, task, train_examples: Sequence[Any], *,
     mode, weights and buffers are left as they were.
     """
     settings = settings or InfluenceSettings()
+    check_examples(train_examples, argument="train_examples")
     if len(train_examples) == 0:
         raise ConfigError("fit_factors needs at least one train example")
     names = tracked_modules(model, settings.modules)
@@ -341,6 +350,8 @@ def _captures(cap, task, examples, settings, *, kind: str):
         for row in rows:
             gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + row)
             batch = task.collate([examples[row]])
+            if hasattr(task, "check_batch"):
+                task.check_batch(batch, [row])
             yield [row], cap.run(task, batch, loss="sampled", generator=gen, rows=[row])
 
 
@@ -412,6 +423,12 @@ def _finish(settings, names, info, tensors, n_examples, n_tokens) -> InfluenceFa
         delta = (0.1 * float(values.mean()) if settings.damping is None
                  else settings.damping)
         what = "all tracked modules" if key == "*" else f"module {key}"
+        if high == 0 and settings.damping is None:
+            raise NumericalError(
+                f"the gradient of {what} is zero on every train record, so its curvature is "
+                f"zero and the default damping (0.1 x its mean eigenvalue) is 0 too; a LoRA "
+                f"lora_A whose lora_B is still all zeros is one cause. Leave it out with "
+                f"InfluenceSettings.modules or set a positive damping")
         if delta == 0 and low <= _SINGULAR_RTOL * max(high, 1e-300):
             raise NumericalError(
                 f"curvature of {what} is singular with damping 0: smallest eigenvalue "
@@ -524,6 +541,7 @@ def _precondition(factors: InfluenceFactors, grads: dict[str, torch.Tensor]):
 
 def _gradient_blocks(model, task, examples, factors, batch_size, *, kind: str):
     """Yield ``(rows, name -> (B, d_out, d_in') float64)`` over ``examples``."""
+    check_examples(examples, argument=f"{kind}_examples")
     names = factors.modules
     modules = dict(model.named_modules())
     for n in names:
@@ -552,6 +570,8 @@ def score(model: torch.nn.Module, task, factors: InfluenceFactors,
     train record ``j`` made query ``i``'s loss (``task.query_loss``) smaller. The query side
     is preconditioned once and held in memory; train gradients are streamed in batches.
     """
+    check_examples(train_examples, argument="train_examples")
+    check_examples(query_examples, argument="query_examples")
     if len(query_examples) == 0 or len(train_examples) == 0:
         raise ConfigError(f"score needs at least one query and one train example, got "
                           f"{len(query_examples)} query and {len(train_examples)} train")
@@ -573,10 +593,14 @@ def score(model: torch.nn.Module, task, factors: InfluenceFactors,
             if parts is not None:
                 parts[n][:, rows] = block
     if not np.isfinite(total).all():
-        raise NumericalError("influence scores are not finite; lower the learning rate of "
-                             "the checkpoint or raise the damping")
+        i, j = (int(v) for v in np.argwhere(~np.isfinite(total))[0])
+        raise NumericalError(f"the influence score of query {i} and train record {j} is not "
+                             "finite; check that record and the model's weights, or raise "
+                             "the damping")
     meta = factors.metadata()
     meta.update(n_query=n_query, n_train=n_train)
+    if isinstance(task, LMTask):
+        meta["query_tokens"] = task.scored_token_ids(query_examples)
     return InfluenceResult(total, parts, meta)
 
 

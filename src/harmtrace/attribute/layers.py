@@ -41,6 +41,7 @@ from typing import Literal
 
 import torch
 
+from harmtrace.attribute.task import batch_size_of, per_example
 from harmtrace.errors import ConfigError, NumericalError
 
 try:  # transformers is a core dependency, but keep the module importable without it
@@ -73,7 +74,11 @@ def _supported(module: torch.nn.Module) -> bool:
 
 @dataclass(frozen=True)
 class ModuleInfo:
-    """Shape of a tracked module's gradient in the canonical layout ``(d_out, d_in')``."""
+    """Shape of a tracked module's gradient in the canonical layout ``(d_out, d_in')``.
+
+    ``has_bias`` is True when the module has a **trainable** bias: a frozen bias is not
+    attributed (only parameters that require grad are), so it gets no gradient column.
+    """
 
     d_in: int
     d_out: int
@@ -92,12 +97,13 @@ class ModuleInfo:
 
 def module_info(module: torch.nn.Module) -> ModuleInfo:
     """The :class:`ModuleInfo` of a ``Linear`` or ``Conv1D`` module."""
+    bias = getattr(module, "bias", None)
+    trainable_bias = bias is not None and bias.requires_grad
     if isinstance(module, torch.nn.Linear):
-        return ModuleInfo(module.in_features, module.out_features, module.bias is not None,
-                          False)
+        return ModuleInfo(module.in_features, module.out_features, trainable_bias, False)
     if Conv1D is not None and isinstance(module, Conv1D):
         d_in, d_out = module.weight.shape
-        return ModuleInfo(int(d_in), int(d_out), module.bias is not None, True)
+        return ModuleInfo(int(d_in), int(d_out), trainable_bias, True)
     raise ConfigError(f"module of type {type(module).__name__} is not supported; only "
                       f"torch.nn.Linear and transformers' Conv1D are")
 
@@ -105,7 +111,8 @@ def module_info(module: torch.nn.Module) -> ModuleInfo:
 def tracked_modules(model: torch.nn.Module, include: Sequence[str] = ()) -> list[str]:
     """Names of the trainable ``Linear`` / ``Conv1D`` modules of ``model``, in model order.
 
-    A module is trainable when its weight requires grad. ``include`` keeps only names that
+    A module is trainable when its weight requires grad (its bias counts only when it
+    requires grad too, see :class:`ModuleInfo`). ``include`` keeps only names that
     contain one of the given substrings; a substring that matches no trainable supported
     module raises :class:`ConfigError` listing what it matched (frozen or unsupported
     modules) and what can be named.
@@ -300,12 +307,7 @@ def _loss(task, model, batch, kind: str, generator) -> torch.Tensor:
         out = task.sampled_loss(model, batch, generator)
     else:
         raise ConfigError(f"loss must be 'train', 'query' or 'sampled', got {kind!r}")
-    if out.dim() == 2 and out.shape[1] == 1:
-        out = out[:, 0]
-    if out.dim() != 1:
-        raise ConfigError(f"the task's {kind} loss must have shape (B,), one loss per "
-                          f"example, got {tuple(out.shape)}")
-    return out
+    return per_example(out, batch, what=f"the task's {kind} loss")
 
 
 def _as_btd(x: torch.Tensor, batch_size: int, name: str) -> torch.Tensor:
@@ -331,6 +333,13 @@ def _token_mask(batch: dict, a_parts: list[torch.Tensor], batch_size: int) -> to
     return torch.cat(masks, dim=1)
 
 
+def _check_user_batch(task, batch: dict) -> None:
+    """The task's own checks of a batch built by the caller (padding labels, ...)."""
+    size = batch_size_of(batch)
+    if hasattr(task, "check_batch") and size is not None:
+        task.check_batch(batch, list(range(size)))
+
+
 def capture_batch(model: torch.nn.Module, task, batch: dict, names: Sequence[str], *,
                   loss: LossKind = "train",
                   generator: torch.Generator | None = None) -> dict[str, Captured]:
@@ -339,6 +348,7 @@ def capture_batch(model: torch.nn.Module, task, batch: dict, names: Sequence[str
     The model's train/eval flags are restored afterwards and its weights are not written.
     See :class:`Captured` for the shapes.
     """
+    _check_user_batch(task, batch)
     with eval_mode(model), GradientCapture(model, names) as cap:
         return cap.run(task, batch, loss=loss, generator=generator)
 

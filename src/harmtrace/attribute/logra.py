@@ -45,6 +45,8 @@ import torch
 
 from harmtrace._logging import get_logger
 from harmtrace.attribute.layers import GradientCapture, eval_mode, module_info, tracked_modules
+from harmtrace.attribute.task import LMTask, check_examples, per_example
+from harmtrace.attribute.tokens import check_query_tokens, token_metadata
 from harmtrace.errors import ArtifactError, ConfigError, NumericalError
 
 __all__ = [
@@ -57,6 +59,7 @@ __all__ = [
     "logra_features",
     "logra_projector",
     "logra_scores",
+    "logra_store_scores",
     "logra_token_scores",
     "min_projection_dim",
     "write_logra_store",
@@ -319,7 +322,7 @@ def _plan(model: torch.nn.Module, settings: LograSettings) -> _Plan:
     heads = {e: tuple(n for n, m in modules.items() if _is_linear(m) and n not in linear
                       and m.weight is modules[e].weight) for e in embeds}
     params = [f"{n}.{p}" for n in linear for p in ("weight", "bias")
-              if getattr(modules[n], p, None) is not None]
+              if p == "weight" or module_info(modules[n]).has_bias]  # trainable bias only
     params += [f"{e}.weight" for e in embeds]
     log.info("LoGra projects %d parameters: %s", len(params), ", ".join(params))
     return _Plan(tuple(linear), tuple(embeds), heads, tuple(params))
@@ -399,12 +402,7 @@ def _task_loss(task, model, batch: dict, loss: str) -> torch.Tensor:
     if loss not in ("train", "query"):
         raise ConfigError(f"loss must be 'train' or 'query', got {loss!r}")
     out = task.train_loss(model, batch) if loss == "train" else task.query_loss(model, batch)
-    if out.dim() == 2 and out.shape[1] == 1:
-        out = out[:, 0]
-    if out.dim() != 1:
-        raise ConfigError(f"the task's {loss} loss must have shape (B,), got "
-                          f"{tuple(out.shape)}")
-    return out
+    return per_example(out, batch, what=f"the task's {loss} loss")
 
 
 def _embedding_blocks(model, task, batch, projector: LograProjector, loss: str) -> dict:
@@ -441,18 +439,21 @@ def logra_features(model: torch.nn.Module, task, examples: Sequence, *,
     are taken in eval mode and the model's flags restored; its weights are never written.
     A non-finite feature raises :class:`NumericalError` naming the example.
     """
+    check_examples(examples, argument="examples")
     projector = projector or logra_projector(model, settings)
     plan = projector.plan
     if plan is None:
         raise ConfigError("logra_features needs a projector made by logra_projector(model, "
                           "settings), which knows the model's modules")
-    for rows, batch in task.batches(examples[start:], settings.batch_size):
+    # positions, not a slice: a map-style dataset need not support slicing
+    rest = examples if start == 0 else [examples[i] for i in range(start, len(examples))]
+    for rows, batch in task.batches(rest, settings.batch_size):
         rows = [start + r for r in rows]
         blocks: dict[str, torch.Tensor] = {}
         with eval_mode(model):
             if plan.linear:
                 with GradientCapture(model, plan.linear) as cap:
-                    for name, c in cap.run(task, batch, loss=loss).items():
+                    for name, c in cap.run(task, batch, loss=loss, rows=rows).items():
                         blocks[name] = projector.modules[name].linear(c.a, c.g)
             if plan.embeddings:
                 blocks.update(_embedding_blocks(model, task, batch, projector, loss))
@@ -474,9 +475,22 @@ class LograResult:
     metadata: dict
 
 
+def _query_tokens(task, queries: Sequence, tokenizer) -> dict:
+    """``{"query_tokens": ...}``: what each LM query's score measures (positions, token ids
+    and, with a tokenizer, the decoded text); empty for other tasks."""
+    if not isinstance(task, LMTask):
+        return {}
+    scored = task.scored_token_ids(queries)
+    if tokenizer is not None:
+        for entry in scored:
+            entry["text"] = tokenizer.decode(entry["token_ids"])
+    return {"query_tokens": scored}
+
+
 def logra_scores(model: torch.nn.Module, task, train: Sequence, queries: Sequence, *,
                  settings: LograSettings, out: str | Path | None = None,
-                 block_rows: int = 4096, max_bytes: int = 2 << 30) -> LograResult:
+                 block_rows: int = 4096, max_bytes: int = 2 << 30,
+                 tokenizer=None) -> LograResult:
     """Gradient-dot scores of ``queries`` against ``train`` in LoGra's projected space.
 
     Query features ``(n_query, dim)`` are held in memory; train features are streamed past
@@ -484,11 +498,22 @@ def logra_scores(model: torch.nn.Module, task, train: Sequence, queries: Sequenc
     ``.npy`` at ``out`` if given), so memory does not grow with ``len(train)``. Warns with
     :class:`LowProjectionDimWarning` when the dimension is far too small for ``len(train)``.
     This is the unpreconditioned (identity-curvature) inner product.
+
+    For an :class:`LMTask` the metadata's ``query_tokens`` lists the scored positions and
+    token ids of each query; with the ``tokenizer`` that encoded the records, the queries'
+    BOS layout is checked against the records' and the scored tokens are decoded
+    (:mod:`harmtrace.attribute.tokens`).
     """
     from harmtrace.attribute.scoring import score_blocks
 
+    check_examples(train, argument="train")
+    check_examples(queries, argument="queries")
     projector = logra_projector(model, settings)
     warned = check_projection_dim(projector.dim, len(train), stacklevel=2)
+    problems = []
+    if tokenizer is not None and isinstance(task, LMTask):
+        problems = check_query_tokens(token_metadata(train, tokenizer), queries,
+                                      tokenizer=tokenizer)
     query = torch.cat([f for _, f in logra_features(model, task, queries, settings=settings,
                                                    projector=projector, loss="query")])
     scores = score_blocks(query, logra_features(model, task, train, settings=settings,
@@ -496,7 +521,8 @@ def logra_scores(model: torch.nn.Module, task, train: Sequence, queries: Sequenc
                           n_train=len(train), out=out, block_rows=block_rows,
                           max_bytes=max_bytes)
     meta = {**projector.metadata(), "dim_warning": warned, "n_train": len(train),
-            "n_query": len(queries)}
+            "n_query": len(queries), "token_warnings": problems,
+            **_query_tokens(task, queries, tokenizer)}
     log.info("LoGra scores: %d queries x %d train records, dimension %d over %d modules",
              len(queries), len(train), projector.dim, len(projector.modules))
     return LograResult(scores=scores, metadata=meta)
@@ -504,14 +530,24 @@ def logra_scores(model: torch.nn.Module, task, train: Sequence, queries: Sequenc
 
 def write_logra_store(model: torch.nn.Module, task, examples: Sequence, path: str | Path, *,
                       settings: LograSettings, metadata: Mapping | None = None,
-                      dtype: str = "float16", shard_rows: int = 4096):
+                      dtype: str = "float16", shard_rows: int = 4096, tokenizer=None):
     """Build (or resume) a :class:`~harmtrace.attribute.store.FeatureStore` of the LoGra
     features of ``examples`` at ``path``; the store's metadata holds the caller's
-    ``metadata`` (model and data fingerprints) and the projection's. Returns the store."""
+    ``metadata`` (model and data fingerprints) and the projection's. With the
+    ``tokenizer`` that encoded LM ``examples``, it also holds the tokenizer's settings and
+    the records' BOS layout under ``"tokens"``
+    (:func:`~harmtrace.attribute.tokens.token_metadata`), against which queries are checked
+    at query time. Returns the store."""
     from harmtrace.attribute.store import FeatureStoreWriter
 
+    check_examples(examples, argument="examples")
     projector = logra_projector(model, settings)
     meta = {"caller": dict(metadata or {}), "projection": projector.metadata()}
+    if tokenizer is not None:
+        if not isinstance(task, LMTask):
+            raise ConfigError(f"write_logra_store got a tokenizer but the task is a "
+                              f"{type(task).__name__}; tokenizer settings are for an LMTask")
+        meta["tokens"] = token_metadata(examples, tokenizer)
     with FeatureStoreWriter(path, dim=projector.dim, n_rows=len(examples), dtype=dtype,
                             shard_rows=shard_rows, metadata=meta) as writer:
         for rows, features in logra_features(model, task, examples, settings=settings,
@@ -520,9 +556,46 @@ def write_logra_store(model: torch.nn.Module, task, examples: Sequence, path: st
     return writer.finalize()
 
 
+def logra_store_scores(model: torch.nn.Module, task, store, queries: Sequence, *,
+                       settings: LograSettings, tokenizer=None, out: str | Path | None = None,
+                       block_rows: int = 4096, max_bytes: int = 2 << 30) -> LograResult:
+    """Scores ``(n_query, store.n_rows)`` of ``queries`` against a LoGra feature ``store``
+    (from :func:`write_logra_store` with the same ``settings``), read block by block.
+
+    A store made with other projection settings is refused (:class:`ArtifactError`). For an
+    :class:`LMTask` the queries' tokens are checked against the store's ``"tokens"``
+    metadata (a BOS count the records do not have, another ``tokenizer``) with a
+    :class:`~harmtrace.attribute.tokens.TokenizerMismatchWarning`, listed again under the
+    metadata's ``token_warnings``; ``query_tokens`` says which tokens each score measures.
+    """
+    from harmtrace.attribute.scoring import score_blocks
+
+    check_examples(queries, argument="queries")
+    projector = logra_projector(model, settings)
+    _check_store_matches(store, projector)
+    problems = _check_store_tokens(store, task, queries, tokenizer)
+    query = torch.cat([f for _, f in logra_features(model, task, queries, settings=settings,
+                                                   projector=projector, loss="query")])
+    scores = score_blocks(query, store, out=out, block_rows=block_rows, max_bytes=max_bytes)
+    meta = {**projector.metadata(), "n_train": store.n_rows, "n_query": len(queries),
+            "store": str(store.path), "token_warnings": problems,
+            **_query_tokens(task, queries, tokenizer)}
+    return LograResult(scores=scores, metadata=meta)
+
+
+def _check_store_tokens(store, task, queries: Sequence, tokenizer) -> list[str]:
+    """The token check of LM ``queries`` against a store's ``"tokens"`` metadata."""
+    from harmtrace.attribute.store import FeatureStore
+
+    if not isinstance(store, FeatureStore) or not isinstance(task, LMTask):
+        return []
+    return check_query_tokens(store.metadata.get("tokens"), queries, tokenizer=tokenizer)
+
+
 def logra_token_scores(model: torch.nn.Module, task, query, train, *,
                        settings: LograSettings, block_rows: int = 4096,
-                       n_train: int | None = None) -> tuple[list[int], object]:
+                       n_train: int | None = None,
+                       tokenizer=None) -> tuple[list[int], object]:
     """Per-token scores of one LM ``query`` against ``train`` features.
 
     One gradient per target token: each target token ``t`` of the query becomes an example
@@ -532,13 +605,15 @@ def logra_token_scores(model: torch.nn.Module, task, query, train, *,
     of ``(rows, features)`` with ``n_train``). The sequence loss is the sum of its tokens'
     losses and projection is linear, so the rows sum to the query's sequence score.
     Returns the token positions and the ``(n_tokens, n_train)`` scores (row ``r`` for
-    ``positions[r]``; positive: the record made that token more likely).
+    ``positions[r]``; positive: the record made that token more likely). A store's
+    ``"tokens"`` metadata is checked as by :func:`logra_store_scores`.
     """
     from harmtrace.attribute.scoring import per_token_scores, token_examples
 
     positions, examples = token_examples(query)
     projector = logra_projector(model, settings)
     _check_store_matches(train, projector)
+    _check_store_tokens(train, task, [query], tokenizer)
     feats = torch.cat([f for _, f in logra_features(model, task, examples, settings=settings,
                                                    projector=projector, loss="query")])
     return positions, per_token_scores(feats, train, block_rows=block_rows, n_train=n_train)

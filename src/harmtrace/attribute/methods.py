@@ -21,27 +21,68 @@ Methods
 ``bm25``
     Okapi BM25 between each query's focus words and each record's text (Robertson and
     Zaragoza 2009), through the ``bm25s`` package; a lexical baseline, non-negative.
+``ekfac``, ``kfac``
+    Influence functions ``g_query^T (H + damping)^-1 g_train`` at the final checkpoint, with
+    the EK-FAC or K-FAC curvature of the linear layers (:mod:`~harmtrace.attribute.influence`;
+    Grosse et al. 2023, "Studying Large Language Model Generalization with Influence
+    Functions"). The diagonal curvature is not registered separately: it is ``graddot`` with
+    ``preconditioner = "diagonal"``.
+``trak``
+    TRAK over the final model or the saved checkpoints (Park et al. 2023, "TRAK: Attributing
+    Model Behavior at Scale"; :mod:`~harmtrace.attribute.trak`).
+``logra``
+    Gradient dot products after LoGra's per-layer Kronecker projection (Choe et al. 2024;
+    :mod:`~harmtrace.attribute.logra`).
+``repsim``
+    Cosine of last hidden states, a gradient-free baseline (Hanawa et al. 2021;
+    :mod:`~harmtrace.attribute.repsim`).
+``exact``
+    Metagradients through the replayed training of the pipeline's own model (Engstrom et
+    al. 2025; :mod:`~harmtrace.attribute.exact`); small models only.
+
+:func:`run_method` returns the scores with the metadata of what was actually used (damping,
+projection dimension, parameters, normalisation, citation); :func:`compute_scores` the
+scores alone. A method is added by writing its adapter (see
+:mod:`~harmtrace.attribute.engines`) and registering it in :data:`METHODS`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from transformers import PreTrainedModel
 
+from harmtrace.attribute import engines
+from harmtrace.attribute.engines import LMTraining
 from harmtrace.attribute.gradients import (
     iter_example_gradients,
     per_example_gradients,
     trainable_parameters,
 )
+from harmtrace.attribute.influence import Strategy
 from harmtrace.attribute.projection import GaussianProjector
 from harmtrace.behaviours.focus import FocusedQuery
 from harmtrace.errors import ConfigError, NumericalError
 
-__all__ = ["AttributionInputs", "Kernel", "METHODS", "compute_scores", "method_names"]
+__all__ = [
+    "METHODS",
+    "SIGN",
+    "AttributionInputs",
+    "Kernel",
+    "LMTraining",
+    "Method",
+    "MethodResult",
+    "compute_scores",
+    "method_names",
+    "run_method",
+]
+
+SIGN = ("scores[i, j] > 0: train record j made query i's harmful (focus) tokens more likely, "
+        "i.e. lowered its loss; larger is more to blame")
 
 
 @dataclass(frozen=True)
@@ -82,6 +123,14 @@ class AttributionInputs:
 
     Both damp by a fraction of the mean so that the default does not depend on the scale
     of the loss. In the projected space the diagonal is that of the projected features.
+
+    The engines (:mod:`~harmtrace.attribute.engines`) read more fields: ``pad_id`` (the
+    tokenizer's pad token, for padded batches), ``influence_damping`` (``ekfac``/``kfac``;
+    ``None``: 0.1 x the mean eigenvalue per module), ``trak_projection_dim`` and
+    ``trak_ensemble`` (``"checkpoints"``: every saved checkpoint, or ``"final"``), ``damping``
+    (TRAK's relative ``lambda`` too), ``logra_k_in`` / ``logra_k_out``, ``training`` (an
+    :class:`~harmtrace.attribute.engines.LMTraining`, needed by ``exact``) and
+    ``exact_max_bytes`` (the largest unrolled training graph ``exact`` builds).
     """
 
     train_sequences: Sequence[Sequence[int]]
@@ -96,6 +145,14 @@ class AttributionInputs:
     damping: float = 1e-3
     max_bytes: int = 4 << 30
     progress: Callable[[str, int, int], None] | None = None
+    pad_id: int = 0
+    influence_damping: float | None = None
+    trak_projection_dim: int = 2048
+    trak_ensemble: str = "checkpoints"
+    logra_k_in: int = 16
+    logra_k_out: int = 16
+    training: LMTraining | None = None
+    exact_max_bytes: int = 4 << 30
     _kernels: dict = field(default_factory=dict)
 
     def kernel(self, checkpoint: int) -> Kernel:
@@ -161,25 +218,52 @@ class AttributionInputs:
         return (1.0 / damped).float()
 
 
-def _graddot(inputs: AttributionInputs) -> np.ndarray:
-    return inputs.kernel(len(inputs.checkpoints) - 1).dot.numpy()
+_GRADIENT_LOSS = ("query loss: summed token NLL over its focus tokens; train loss: summed "
+                  "token NLL over all tokens of the record; no 1/n factor")
 
 
-def _gradcos(inputs: AttributionInputs) -> np.ndarray:
-    k = inputs.kernel(len(inputs.checkpoints) - 1)
+def _kernel_meta(inputs: AttributionInputs, checkpoints: Sequence[int]) -> dict:
+    kernel = inputs.kernel(checkpoints[-1])
+    damping = None
+    if inputs.preconditioner != "none":
+        base = "F" if inputs.preconditioner == "diagonal" else "sqrt(F)"
+        damping = {"relative": inputs.damping,
+                   "rule": f"weights 1 / ({base} + damping x mean({base}))"}
+    return {"damping": damping, "projection_dim": kernel.dim,
+            "projected": inputs.projection_dim > 0, "parameters": list(kernel.parameters),
+            "details": {"preconditioner": inputs.preconditioner,
+                        "checkpoints": [int(c) for c in checkpoints]}}
+
+
+def _graddot(inputs: AttributionInputs) -> MethodResult:
+    last = len(inputs.checkpoints) - 1
+    meta = {**_kernel_meta(inputs, [last]),
+            "normalisation": f"{_GRADIENT_LOSS}; scores = <g_query, W g_train>"}
+    return MethodResult(inputs.kernel(last).dot.numpy(), meta)
+
+
+def _gradcos(inputs: AttributionInputs) -> MethodResult:
+    last = len(inputs.checkpoints) - 1
+    k = inputs.kernel(last)
     scale = torch.outer(k.query_norm, k.train_norm).clamp_min(1e-12)
-    return (k.dot / scale).numpy()
+    meta = {**_kernel_meta(inputs, [last]),
+            "normalisation": f"{_GRADIENT_LOSS}; cosine in the W inner product, in [-1, 1]"}
+    return MethodResult((k.dot / scale).numpy(), meta)
 
 
-def _tracin(inputs: AttributionInputs) -> np.ndarray:
+def _tracin(inputs: AttributionInputs) -> MethodResult:
     total = None
     for index, (_, lr) in enumerate(inputs.checkpoints):
         part = lr * inputs.kernel(index).dot
         total = part if total is None else total + part
-    return total.numpy()
+    meta = _kernel_meta(inputs, range(len(inputs.checkpoints)))
+    meta["normalisation"] = (f"{_GRADIENT_LOSS}; sum over checkpoints of the learning rate "
+                             "x <g_query, W g_train>")
+    meta["details"]["learning_rates"] = [float(lr) for _, lr in inputs.checkpoints]
+    return MethodResult(total.numpy(), meta)
 
 
-def _bm25(inputs: AttributionInputs) -> np.ndarray:
+def _bm25(inputs: AttributionInputs) -> MethodResult:
     import bm25s
 
     corpus = bm25s.tokenize(list(inputs.train_texts), stopwords="en", show_progress=False)
@@ -191,31 +275,117 @@ def _bm25(inputs: AttributionInputs) -> np.ndarray:
                                 return_ids=False)[0]
         if tokens:
             scores[i] = retriever.get_scores(tokens)
-    return scores
+    meta = {"normalisation": ("Okapi BM25 of the query's focus words against the record's "
+                              "text (bm25s defaults, English stop words); non-negative"),
+            "damping": None, "projection_dim": None, "projected": False, "parameters": [],
+            "details": {"model_free": True}}
+    return MethodResult(scores, meta)
 
 
-METHODS: dict[str, tuple[Callable[[AttributionInputs], np.ndarray], str]] = {
-    "graddot": (_graddot, "dot product of loss gradients, final checkpoint"),
-    "gradcos": (_gradcos, "cosine of loss gradients, final checkpoint"),
-    "tracin": (_tracin, "TracInCP: lr-weighted gradient dot products over checkpoints"),
-    "bm25": (_bm25, "BM25 between the harmful words of each query and each record"),
+@dataclass(frozen=True)
+class MethodResult:
+    """``scores`` ``(n_query, n_train)`` (sign: :data:`SIGN`) and ``metadata``: what was
+    actually used (``normalisation``, ``damping``, ``projection_dim``, ``projected``,
+    ``parameters``, ``details``), plus the method's ``citation`` and the sign."""
+
+    scores: np.ndarray
+    metadata: dict
+
+
+class Method(NamedTuple):
+    """A registered method: ``run(inputs) -> MethodResult``, a one-line description and
+    the work it follows."""
+
+    run: Callable[[AttributionInputs], MethodResult]
+    description: str
+    citation: str
+
+
+def _engine(adapter: Callable[[AttributionInputs], tuple]) -> Callable:
+    def run(inputs: AttributionInputs) -> MethodResult:
+        scores, meta = adapter(inputs)
+        return MethodResult(scores, meta)
+
+    return run
+
+
+_PRUTHI = ("Pruthi et al. 2020, \"Estimating Training Data Influence by Tracing Gradient "
+           "Descent\", NeurIPS")
+_GROSSE = ("Grosse et al. 2023, \"Studying Large Language Model Generalization with "
+           "Influence Functions\"; Koh and Liang 2017, \"Understanding Black-box Predictions "
+           "via Influence Functions\", ICML")
+
+METHODS: dict[str, Method] = {
+    "graddot": Method(_graddot, "dot product of loss gradients, final checkpoint", _PRUTHI),
+    "gradcos": Method(_gradcos, "cosine of loss gradients, final checkpoint",
+                      "Akyurek et al. 2022, \"Towards Tracing Factual Knowledge in Language "
+                      "Models Back to the Training Data\", EMNLP Findings"),
+    "tracin": Method(_tracin, "TracInCP: lr-weighted gradient dot products over checkpoints",
+                     _PRUTHI),
+    "bm25": Method(_bm25, "BM25 between the harmful words of each query and each record",
+                   "Robertson and Zaragoza 2009, \"The Probabilistic Relevance Framework: "
+                   "BM25 and Beyond\""),
+    "ekfac": Method(_engine(engines.influence(Strategy.EKFAC)),
+                    "influence functions with EK-FAC curvature, final checkpoint",
+                    f"{_GROSSE}; George et al. 2018, \"Fast Approximate Natural Gradient "
+                    "Descent in a Kronecker-factored Eigenbasis\", NeurIPS"),
+    "kfac": Method(_engine(engines.influence(Strategy.KFAC)),
+                   "influence functions with K-FAC curvature, final checkpoint",
+                   f"{_GROSSE}; Martens and Grosse 2015, \"Optimizing Neural Networks with "
+                   "Kronecker-factored Approximate Curvature\", ICML"),
+    "trak": Method(_engine(engines.trak),
+                   "TRAK: projected output-gradient kernel, ensembled over checkpoints",
+                   "Park et al. 2023, \"TRAK: Attributing Model Behavior at Scale\", ICML"),
+    "logra": Method(_engine(engines.logra),
+                    "dot product of LoGra-projected loss gradients, final checkpoint",
+                    "Choe et al. 2024, \"What is Your Data Worth to GPT? LLM-Scale Data "
+                    "Valuation with Influence Functions\""),
+    "repsim": Method(_engine(engines.repsim),
+                     "cosine of last hidden states (no gradient), final checkpoint",
+                     "Hanawa et al. 2021, \"Evaluation of Similarity-based Explanations\", "
+                     "ICLR"),
+    "exact": Method(_engine(engines.exact),
+                    "metagradient through the replayed training (small models only)",
+                    "Engstrom et al. 2025, \"Optimizing ML Training with Metagradient "
+                    "Descent\"; Hara et al. 2019, \"Data Cleansing for Models Trained with "
+                    "SGD\", NeurIPS"),
 }
 
 
 def method_names() -> list[str]:
+    """Every registered method name, in registration order."""
     return list(METHODS)
 
 
-def compute_scores(name: str, inputs: AttributionInputs) -> np.ndarray:
-    """Scores ``(n_query, n_train)`` of method ``name``; see the module docstring for sign."""
+def run_method(name: str, inputs: AttributionInputs) -> MethodResult:
+    """Scores ``(n_query, n_train)`` of method ``name`` and their metadata.
+
+    ``scores[i, j]`` is the attribution of train record ``j`` to query ``i``; positive
+    means the record made the query's harmful tokens more likely (see :data:`SIGN`). A
+    non-finite score raises :class:`NumericalError` naming the query and the record.
+    """
     if name not in METHODS:
         raise ConfigError(
             f"attribute method {name!r} is unknown; choose from {', '.join(METHODS)}"
         )
-    scores = np.asarray(METHODS[name][0](inputs), dtype=np.float64)
+    method = METHODS[name]
+    result = method.run(inputs)
+    scores = np.asarray(result.scores, dtype=np.float64)
     if not np.isfinite(scores).all():
         bad = np.argwhere(~np.isfinite(scores))[0]
         raise NumericalError(
             f"method {name} gave a non-finite score for query {bad[0]}, train record {bad[1]}"
         )
-    return scores
+    # bm25 needs texts only; every other method reads the token sequences
+    expected = (len(inputs.queries), len(inputs.train_sequences) or len(inputs.train_texts))
+    if scores.shape != expected:
+        raise NumericalError(f"method {name} gave scores of shape {scores.shape}, not "
+                             f"(n_query, n_train) = {expected}")
+    meta = {"method": name, "description": method.description,
+            "citation": method.citation, "sign": SIGN, **result.metadata}
+    return MethodResult(scores, meta)
+
+
+def compute_scores(name: str, inputs: AttributionInputs) -> np.ndarray:
+    """Scores ``(n_query, n_train)`` of method ``name``; see :func:`run_method` for sign."""
+    return run_method(name, inputs).scores

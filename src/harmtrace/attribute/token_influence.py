@@ -56,7 +56,7 @@ __all__ = [
 ]
 
 
-class Aggregation(str, enum.Enum):
+class Aggregation(enum.StrEnum):
     """How a record's token scores become the record's score."""
 
     MAX = "max"  # the record's most influential token
@@ -181,10 +181,11 @@ class _Factor:
 
 
 def _live(batch: dict) -> torch.Tensor:
-    """``(B, T)`` bool: position ``t`` predicts a labelled token ``t + 1``."""
+    """``(B, T)`` bool: position ``t`` predicts a labelled token ``t + 1`` (padding, with
+    attention mask 0, is never a target; see :meth:`LMTask.targets`)."""
     labels = batch["labels"]
     live = torch.zeros_like(labels, dtype=torch.bool)
-    live[:, :-1] = labels[:, 1:] != -100
+    live[:, :-1] = LMTask.targets(batch) != -100
     return live
 
 

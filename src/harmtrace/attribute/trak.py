@@ -54,8 +54,10 @@ from harmtrace.attribute.task import (
     ClassificationTask,
     LMTask,
     RegressionTask,
+    check_examples,
+    per_example,
 )
-from harmtrace.errors import ConfigError, NumericalError
+from harmtrace.errors import ConfigError, HarmtraceError, NumericalError
 
 __all__ = [
     "DampingScale",
@@ -151,7 +153,8 @@ class TrakMetadata:
     """What was actually used: ``projection_dim`` (``k``), ``projected`` (False when the
     gradients were exact), ``damping`` (absolute ``lambda`` per model), the smallest
     eigenvalue of each model's ``Phi^T Phi``, the parameter names, their count, the number
-    of models and the per-example mode of each model."""
+    of models, the per-example mode of each model and, for an :class:`LMTask`, the scored
+    ``positions`` and ``token_ids`` of each query."""
 
     projection_dim: int
     projected: bool
@@ -162,6 +165,7 @@ class TrakMetadata:
     n_models: int
     per_example: tuple[str, ...]
     settings: dict = field(default_factory=dict)
+    query_tokens: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -190,40 +194,41 @@ def _margin(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def _lm_tokens(task: LMTask, model: torch.nn.Module, batch: dict):
     logits = task._logits(model, batch)[:, :-1]  # (B, T-1, V): predicts token t+1
-    targets = batch["labels"][:, 1:]  # (B, T-1)
+    targets = task.targets(batch)  # (B, T-1), -100 at context and padding
     keep = targets != -100
     return logits, targets.clamp(min=0), keep
 
 
 def output_function(task: AttributionTask, model: torch.nn.Module, batch: dict) -> torch.Tensor:
-    """TRAK's output ``f`` of each train example, shape ``(B,)`` (see the module docstring)."""
+    """TRAK's output ``f`` of each train example, shape ``(B,)`` (see the module docstring);
+    a task's ``(B, 1)`` is squeezed, any other shape raises :class:`ConfigError`."""
     if hasattr(task, "trak_output"):
-        return task.trak_output(model, batch)
+        return per_example(task.trak_output(model, batch), batch, what="task.trak_output")
     if isinstance(task, LMTask):
         logits, targets, keep = _lm_tokens(task, model, batch)
         return (_margin(logits, targets) * keep).sum(dim=1)
     if isinstance(task, ClassificationTask):
-        return _margin(model(batch["x"]), batch["y"])
+        return _margin(task.logits(model, batch), task.labels(batch))
     if isinstance(task, RegressionTask):
         return task._predict(model, batch)
-    return -task.train_loss(model, batch)
+    return -per_example(task.train_loss(model, batch), batch, what="task.train_loss")
 
 
 def train_weight(task: AttributionTask, model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """TRAK's ``q = -dL/df`` of each train example, shape ``(B,)``, without a graph."""
     with torch.no_grad():
         if hasattr(task, "trak_weight"):
-            return task.trak_weight(model, batch)
+            return per_example(task.trak_weight(model, batch), batch, what="task.trak_weight")
         if isinstance(task, LMTask):
             logits, targets, keep = _lm_tokens(task, model, batch)
             logp = torch.log_softmax(logits.double(), dim=-1)
             p = logp.gather(-1, targets.unsqueeze(-1))[..., 0].exp()  # (B, T-1)
             return ((1 - p) * keep).sum(1) / keep.sum(1).clamp(min=1)
         if isinstance(task, ClassificationTask):
-            p = torch.softmax(model(batch["x"]).double(), dim=-1)
-            return 1 - p.gather(1, batch["y"][:, None])[:, 0]
+            p = torch.softmax(task.logits(model, batch).double(), dim=-1)
+            return 1 - p.gather(1, task.labels(batch)[:, None])[:, 0]
         if isinstance(task, RegressionTask):
-            return batch["y"].double() - task._predict(model, batch).double()
+            return task.targets(batch).double() - task._predict(model, batch).double()
         return torch.ones(batch[next(iter(batch))].shape[0], dtype=torch.float64)
 
 
@@ -237,8 +242,8 @@ def query_output(task: AttributionTask, model: torch.nn.Module, batch: dict) -> 
     if isinstance(task, (LMTask, ClassificationTask)) and not _overrides_query_loss(task):
         return output_function(task, model, batch)
     if hasattr(task, "trak_output") and not _overrides_query_loss(task):
-        return task.trak_output(model, batch)
-    return -task.query_loss(model, batch)
+        return per_example(task.trak_output(model, batch), batch, what="task.trak_output")
+    return -per_example(task.query_loss(model, batch), batch, what="task.query_loss")
 
 
 # ---- features ---------------------------------------------------------------------------
@@ -280,14 +285,16 @@ def _features(model: torch.nn.Module, task: AttributionTask, examples: Sequence[
         one = {k: v.unsqueeze(0) for k, v in example.items()}  # a batch of one
         return fn(task, _Bound(model, {**constants, **p}), one)[0]
 
-    per_example = vmap(grad(single), in_dims=(None, 0))
+    per_example_grad = vmap(grad(single), in_dims=(None, 0))
     mode = settings.per_example
     out = torch.zeros(len(examples), dim, dtype=torch.float64)
     for rows, batch in task.batches(examples, settings.batch_size):
         grads = None
         if mode is not PerExample.LOOP:
             try:
-                grads = per_example(params, _cast_batch(batch, dtype))
+                grads = per_example_grad(params, _cast_batch(batch, dtype))
+            except HarmtraceError:
+                raise  # the task's own error (a wrong shape): the loop would raise it too
             except (RuntimeError, ValueError, TypeError, NotImplementedError) as err:
                 if mode is PerExample.VMAP:
                     raise ConfigError(f"torch.func.vmap cannot differentiate this model per "
@@ -371,7 +378,9 @@ def trak_scores(models: Sequence[torch.nn.Module] | torch.nn.Module, task: Attri
     """
     settings = settings or TrakSettings()
     models = _as_models(models)
-    if not train or not queries:
+    check_examples(train, argument="train")
+    check_examples(queries, argument="queries")
+    if not len(train) or not len(queries):
         raise ConfigError(f"trak_scores needs train and query examples, got {len(train)} "
                           f"train and {len(queries)} queries")
     names = list(trainable_parameters(models[0], settings.parameters))
@@ -404,7 +413,9 @@ def trak_scores(models: Sequence[torch.nn.Module] | torch.nn.Module, task: Attri
     meta = TrakMetadata(projection_dim=dim, projected=projected, damping=tuple(lams),
                         smallest_eigenvalue=tuple(smallest), parameters=tuple(names),
                         n_params=n_params, n_models=len(models), per_example=tuple(modes),
-                        settings=_settings_dict(settings))
+                        settings=_settings_dict(settings),
+                        query_tokens=(task.scored_token_ids(queries)
+                                      if isinstance(task, LMTask) else []))
     return TrakResult(scores=scores, metadata=meta)
 
 

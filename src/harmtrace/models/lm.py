@@ -21,17 +21,23 @@ from harmtrace.hashing import sha256_file
 from harmtrace.seeding import seed_everything
 
 __all__ = [
+    "GRAD_CLIP_NORM",
     "Checkpoint",
     "LMSettings",
     "TrainedLM",
+    "batch_order",
     "build_lm",
     "collate",
     "encode_texts",
     "prompt_ids",
     "train_lm",
+    "warmup_steps",
 ]
 
 log = get_logger(__name__)
+
+#: Global gradient norm every training step is clipped to (``clip_grad_norm_``).
+GRAD_CLIP_NORM = 1.0
 
 
 @dataclass(frozen=True)
@@ -155,8 +161,30 @@ def collate(sequences: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def warmup_steps(total: int, settings: LMSettings) -> int:
+    """Steps of linear warm-up in a training of ``total`` steps (at least 1)."""
+    return max(1, int(settings.warmup_fraction * total))
+
+
+def batch_order(n_records: int, settings: LMSettings, *, seed: int) -> list[list[int]]:
+    """The record indices of every optimiser step of :func:`train_lm`, in order.
+
+    Each epoch visits the records in a permutation drawn from one generator seeded with
+    ``seed``, cut into batches of ``settings.batch_size`` (the last one smaller). The exact
+    replay (:mod:`harmtrace.attribute.exact`) reads the order from here, so the two never
+    drift apart.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    steps = []
+    for _ in range(settings.epochs):
+        order = torch.randperm(n_records, generator=generator).tolist()
+        steps += [order[start : start + settings.batch_size]
+                  for start in range(0, n_records, settings.batch_size)]
+    return steps
+
+
 def _lr_at(step: int, total: int, settings: LMSettings) -> float:
-    warm = max(1, int(settings.warmup_fraction * total))
+    warm = warmup_steps(total, settings)
     if step < warm:
         return settings.learning_rate * (step + 1) / warm
     progress = (step - warm) / max(1, total - warm)
@@ -180,42 +208,35 @@ def train_lm(
     """
     seed_everything(seed)
     model = build_lm(settings, tokenizer)
-    n = len(sequences)
-    steps_per_epoch = math.ceil(n / settings.batch_size)
-    total = steps_per_epoch * settings.epochs
+    steps = batch_order(len(sequences), settings, seed=seed)
+    total = len(steps)
     n_ckpt = settings.n_checkpoints
     save_at = {round(total * (i + 1) / n_ckpt) for i in range(n_ckpt)}
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
     )
-    generator = torch.Generator().manual_seed(seed)
     result = TrainedLM(model=model)
     model.train()
-    step = 0
-    for _ in range(settings.epochs):
-        order = torch.randperm(n, generator=generator).tolist()
-        for start in range(0, n, settings.batch_size):
-            batch = collate([sequences[i] for i in order[start : start + settings.batch_size]],
-                            tokenizer.pad_token_id)
-            lr = _lr_at(step, total, settings)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss = model(**batch).loss
-            if not torch.isfinite(loss):
-                raise NumericalError(
-                    f"training loss became {loss.item()} at step {step}; lower "
-                    f"train.learning_rate (now {settings.learning_rate})"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            step += 1
-            result.losses.append(loss.item())
-            if on_step is not None:
-                on_step(step, total, loss.item())
-            if out_dir is not None and step in save_at:
-                result.checkpoints.append(_save_checkpoint(model, out_dir, step, lr))
+    for step, rows in enumerate(steps):
+        batch = collate([sequences[i] for i in rows], tokenizer.pad_token_id)
+        lr = _lr_at(step, total, settings)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss = model(**batch).loss
+        if not torch.isfinite(loss):
+            raise NumericalError(
+                f"training loss became {loss.item()} at step {step}; lower "
+                f"train.learning_rate (now {settings.learning_rate})"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP_NORM)
+        optimizer.step()
+        result.losses.append(loss.item())
+        if on_step is not None:
+            on_step(step + 1, total, loss.item())
+        if out_dir is not None and step + 1 in save_at:
+            result.checkpoints.append(_save_checkpoint(model, out_dir, step + 1, lr))
     model.eval()
     return result
 

@@ -122,6 +122,7 @@ def _method_parts(name: str, method: Mapping[str, Any], k: Any) -> list[Any]:
     facts = Facts((
         ("Description", text(method.get("description"))),
         ("Sign", text(method.get("sign"))),
+        *((("Citation", text(method.get("citation"))),) if method.get("citation") else ()),
     ))
     rows = tuple(
         (text(s.get("source")), num(s.get("score")), ci(s.get("ci"), num),
@@ -150,11 +151,23 @@ def _auprc_table(methods: Mapping[str, Any]) -> Table | None:
 
 def _agreement_table(agreement: Any) -> Table | None:
     rows = tuple(
-        (text(a.get("a")), text(a.get("b")), num(a.get("spearman")), pct(a.get("topk_overlap")))
+        (text(a.get("a")), text(a.get("b")), num(a.get("spearman")), num(a.get("kendall")),
+         pct(a.get("topk_overlap")), text(a.get("hint")))
         for a in agreement or [] if isinstance(a, Mapping)
     )
-    headers = ("method A", "method B", "Spearman", "top-k overlap")
+    headers = ("method A", "method B", "Spearman", "Kendall", "top-k overlap", "hint")
     return Table("Agreement between methods", headers, rows) if rows else None
+
+
+def _source_agreement_table(agreement: Any) -> Table | None:
+    rows = tuple(
+        (text(a.get("a")), text(a.get("b")), num(a.get("spearman")), num(a.get("kendall")),
+         text(a.get("top_source_a")), text(a.get("top_source_b")), text(a.get("hint")))
+        for a in agreement or [] if isinstance(a, Mapping)
+    )
+    headers = ("method A", "method B", "Spearman", "Kendall", "top source A", "top source B",
+               "hint")
+    return Table("Agreement between methods on sources", headers, rows) if rows else None
 
 
 def _top_records_table(frame: pd.DataFrame | None, *, max_records: int) -> Table | None:
@@ -188,7 +201,8 @@ def attribution_section(
     for name, method in methods.items():
         if isinstance(method, Mapping):
             parts.extend(_method_parts(name, method, attr.get("k")))
-    parts += [_auprc_table(methods), _agreement_table(attr.get("agreement")), top]
+    parts += [_auprc_table(methods), _agreement_table(attr.get("agreement")),
+              _source_agreement_table(attr.get("source_agreement")), top]
     return _section("3. Attribution", parts)
 
 
