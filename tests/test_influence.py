@@ -322,6 +322,34 @@ def test_same_seed_same_scores_other_seed_other_true_fisher():
     assert not np.allclose(run(5), run(6))
 
 
+@pytest.mark.parametrize("batch_size", [1, 7, 64])
+def test_ekfac_factors_are_the_same_whether_the_first_pass_is_kept_or_recomputed(batch_size):
+    model, examples = _mlp_data()
+    task = ClassificationTask()
+
+    def fit(reuse_bytes):
+        settings = InfluenceSettings(reuse_bytes=reuse_bytes, batch_size=batch_size)
+        return fit_factors(model, task, examples, settings=settings).tensors
+
+    kept, recomputed, too_small = fit(1 << 30), fit(0), fit(64)
+    for module, tensors in recomputed.items():
+        for name, value in tensors.items():
+            assert torch.equal(kept[module][name], value), (module, name)
+            assert torch.equal(too_small[module][name], value), (module, name)
+
+
+def test_batched_true_fisher_draws_what_each_record_draws_alone():
+    model, examples = _mlp_data()
+    task = ClassificationTask()
+    gens = [torch.Generator().manual_seed(100 + i) for i in range(5)]
+    batch = task.collate(examples[:5])
+    together = task.sampled_loss(model, batch, gens)
+    alone = torch.cat([task.sampled_loss(model, task.collate([examples[i]]),
+                                         torch.Generator().manual_seed(100 + i))
+                       for i in range(5)])
+    torch.testing.assert_close(together, alone)
+
+
 def test_per_module_scores_sum_to_scores_and_factors_round_trip(tmp_path):
     model, examples = _mlp_data()
     task = ClassificationTask()

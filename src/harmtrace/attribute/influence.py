@@ -124,6 +124,11 @@ class InfluenceSettings:
     batch_size: int >= 1 records per forward pass; scores do not depend on it.
     modules: substrings selecting tracked modules (empty: every trainable Linear/Conv1D).
     dense_max_params: largest parameter count the ``dense`` strategy accepts.
+    reuse_bytes: int >= 0, default 1 GiB. EK-FAC's eigenvalue pass needs the same
+        activations and gradients as the covariance pass; while they fit in this many bytes
+        they are kept from the first pass instead of recomputed by a second forward and
+        backward pass (the factors are identical either way). 0 always recomputes, so that
+        memory never depends on the number of records.
     """
 
     strategy: Strategy = Strategy.EKFAC
@@ -133,6 +138,7 @@ class InfluenceSettings:
     batch_size: int = 16
     modules: tuple[str, ...] = ()
     dense_max_params: int = 4096
+    reuse_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -146,7 +152,8 @@ class InfluenceSettings:
                 raise ConfigError(f"influence damping must be finite and >= 0, got "
                                   f"{self.damping}; use None for the default heuristic")
             set_(self, "damping", float(self.damping))
-        for name, low in (("seed", 0), ("batch_size", 1), ("dense_max_params", 1)):
+        for name, low in (("seed", 0), ("batch_size", 1), ("dense_max_params", 1),
+                          ("reuse_bytes", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"influence {name} must be an integer >= {low}, got "
@@ -300,7 +307,8 @@ def fit_factors(model: torch.nn.Module, task, train_examples: Sequence[Any], *,
             sums = _accumulate(cap, task, train_examples, settings, _diag_stats(names))
             tensors = {n: {"diag": sums[n]["g2"] / len(train_examples)} for n in names}
             return _finish(settings, names, info, tensors, len(train_examples), 0)
-        sums = _accumulate(cap, task, train_examples, settings, _kron_stats(names))
+        kept = _Kept(settings.reuse_bytes if strategy is Strategy.EKFAC else 0)
+        sums = _accumulate(cap, task, train_examples, settings, _kron_stats(names), kept)
         n_tok = int(sums[names[0]]["n_tok"])
         tensors = {}
         for n in names:
@@ -311,7 +319,8 @@ def fit_factors(model: torch.nn.Module, task, train_examples: Sequence[Any], *,
             tensors[n] = {"q_a": q_a, "l_a": l_a.clamp_min(0), "q_s": q_s,
                           "l_s": l_s.clamp_min(0)}
         if strategy is Strategy.EKFAC:
-            lam = _accumulate(cap, task, train_examples, settings, _lambda_stats(tensors))
+            lam = _accumulate(cap, task, train_examples, settings, _lambda_stats(tensors),
+                              replay=kept.batches)
             for n in names:
                 tensors[n]["lam"] = lam[n]["lam"] / len(train_examples)
     return _finish(settings, names, info, tensors, len(train_examples), n_tok)
@@ -324,18 +333,54 @@ def _eigh(matrix: torch.Tensor, module: str, factor: str):
     return values, vectors
 
 
-def _accumulate(cap: GradientCapture, task, examples, settings, stats):
-    """Run every train record once through ``cap`` and fold ``(rows, captured)`` into
-    ``stats`` (an object with ``add(rows, captured)`` and ``.sums``)."""
-    for rows, captured in _captures(cap, task, examples, settings, kind="fit"):
-        for name, c in captured.items():
-            for label, t in (("activations", c.a), ("output gradients", c.g)):
-                if not torch.isfinite(t).all():
-                    bad = _bad_rows(t, rows)
-                    raise NumericalError(f"non-finite {label} of module {name} at train "
-                                         f"records {bad}")
+class _Kept:
+    """The ``(rows, captured)`` batches of one pass, while they fit in ``budget`` bytes."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget, self.used = budget, 0
+        self.batches: list | None = [] if budget > 0 else None
+
+    def add(self, rows: list[int], captured: dict) -> None:
+        if self.batches is None:
+            return
+        self.used += sum(c.a.nbytes + c.g.nbytes + c.mask.nbytes for c in captured.values())
+        if self.used > self.budget:
+            self.batches = None  # over budget: the next pass recomputes
+        else:
+            self.batches.append((rows, captured))
+
+
+def _accumulate(cap: GradientCapture, task, examples, settings, stats,
+                kept: _Kept | None = None, replay: list | None = None):
+    """Run every train record once through ``cap`` (or take the batches of ``replay``)
+    and fold each ``(rows, captured)`` into ``stats`` (an object with ``add(captured)`` and
+    ``.sums``); ``kept`` keeps the batches for a later pass."""
+    batches = replay if replay is not None else _captures(cap, task, examples, settings,
+                                                           kind="fit")
+    for rows, captured in batches:
+        if kept is not None:
+            kept.add(rows, captured)
         stats.add(captured)
+        # a non-finite activation or gradient anywhere in the batch makes its (small)
+        # contribution non-finite; only then are the batch's rows scanned to name them
+        if not all(_finite(v) for sums in stats.sums.values() for v in sums.values()):
+            _raise_non_finite(captured, rows)
     return stats.sums
+
+
+def _finite(value) -> bool:
+    return bool(torch.isfinite(value).all()) if torch.is_tensor(value) else math.isfinite(value)
+
+
+def _raise_non_finite(captured, rows: list[int]) -> None:
+    for name, c in captured.items():
+        for label, t in (("activations", c.a), ("output gradients", c.g)):
+            if not torch.isfinite(t).all():
+                raise NumericalError(f"non-finite {label} of module {name} at train records "
+                                     f"{_bad_rows(t, rows)}")
+    raise NumericalError(f"the curvature statistics became non-finite at train records "
+                         f"{rows[0]}-{rows[-1]} although their activations and gradients are "
+                         "finite (overflow); lower the learning rate or check those records")
 
 
 def _captures(cap, task, examples, settings, *, kind: str):
@@ -346,13 +391,21 @@ def _captures(cap, task, examples, settings, *, kind: str):
         for rows, batch in task.batches(examples, settings.batch_size):
             yield rows, cap.run(task, batch, loss=loss, rows=rows)
         return
+    def generator(row: int) -> torch.Generator:
+        return torch.Generator().manual_seed(settings.seed * 1_000_003 + row)
+
+    if getattr(task, "row_generators", False):  # one batched pass, one stream per record
+        for rows, batch in task.batches(examples, settings.batch_size):
+            yield rows, cap.run(task, batch, loss="sampled",
+                                generator=[generator(r) for r in rows], rows=rows)
+        return
     for rows, _ in _row_blocks(len(examples), settings.batch_size):
         for row in rows:
-            gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + row)
             batch = task.collate([examples[row]])
             if hasattr(task, "check_batch"):
                 task.check_batch(batch, [row])
-            yield [row], cap.run(task, batch, loss="sampled", generator=gen, rows=[row])
+            yield [row], cap.run(task, batch, loss="sampled", generator=generator(row),
+                                 rows=[row])
 
 
 def _row_blocks(n: int, size: int):
@@ -370,12 +423,14 @@ class _kron_stats:
         self.sums = {n: {"a": 0.0, "s": 0.0, "n_tok": 0.0} for n in names}
 
     def add(self, captured):
+        # products in the model's precision, sums over batches in float64
         for n, c in captured.items():
-            a = c.a.double() * c.mask[..., None]  # (B, T, d_in'), padding zeroed
-            g = c.g.double()  # (B, T, d_out)
+            mask = c.mask.to(c.a.dtype)[..., None]
+            a = (c.a * mask).flatten(0, 1)  # (B*T, d_in'), padding zeroed
+            g = c.g.flatten(0, 1)  # (B*T, d_out)
             acc = self.sums[n]
-            acc["a"] = acc["a"] + torch.einsum("bti,btj->ij", a, a)
-            acc["s"] = acc["s"] + torch.einsum("bto,btp->op", g, g)
+            acc["a"] = acc["a"] + (a.T @ a).double()
+            acc["s"] = acc["s"] + (g.T @ g).double()
             acc["n_tok"] += float(c.mask.sum())
 
 
@@ -396,10 +451,12 @@ class _lambda_stats:
 
     def add(self, captured):
         for n, c in captured.items():
-            grad = torch.einsum("bto,bti->boi", c.g.double(), c.a.double())
-            q_s, q_a = self.tensors[n]["q_s"], self.tensors[n]["q_a"]
-            rotated = q_s.T @ grad @ q_a  # (B, d_out, d_in') in the eigenbasis
-            self.sums[n]["lam"] = self.sums[n]["lam"] + (rotated ** 2).sum(dim=0)
+            q_s = self.tensors[n]["q_s"].to(c.g.dtype)
+            q_a = self.tensors[n]["q_a"].to(c.a.dtype)
+            # Q_S^T (sum_t g_t a_t^T) Q_A = sum_t (Q_S^T g_t)(Q_A^T a_t)^T: rotate each
+            # token's vectors first, then form one (d_out, d_in') matrix per example
+            rotated = torch.bmm((c.g @ q_s).transpose(1, 2), c.a @ q_a)  # (B, d_out, d_in')
+            self.sums[n]["lam"] = self.sums[n]["lam"] + (rotated ** 2).sum(dim=0).double()
 
 
 def _spectrum(strategy: Strategy, t: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -510,6 +567,14 @@ def _fit_dense(model, task, examples, names, info, settings) -> InfluenceFactors
 # --------------------------------------------------------------------------- scoring
 
 
+def _model_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The floating dtype of ``model``'s first floating parameter (float32 if none)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
 def _precondition(factors: InfluenceFactors, grads: dict[str, torch.Tensor]):
     """``(H + damping)^-1`` applied to ``grads[name] (N, d_out, d_in')`` (float64)."""
     strategy = factors.settings.strategy
@@ -539,8 +604,11 @@ def _precondition(factors: InfluenceFactors, grads: dict[str, torch.Tensor]):
     return out
 
 
-def _gradient_blocks(model, task, examples, factors, batch_size, *, kind: str):
-    """Yield ``(rows, name -> (B, d_out, d_in') float64)`` over ``examples``."""
+def _gradient_blocks(model, task, examples, factors, batch_size, *, kind: str,
+                     dtype: torch.dtype = torch.float64, check: bool = True):
+    """Yield ``(rows, name -> (B, d_out, d_in'))`` over ``examples``, in ``dtype``; with
+    ``check``, a non-finite gradient raises naming its records (a caller that checks what
+    it computes from them may skip it)."""
     check_examples(examples, argument=f"{kind}_examples")
     names = factors.modules
     modules = dict(model.named_modules())
@@ -552,10 +620,10 @@ def _gradient_blocks(model, task, examples, factors, batch_size, *, kind: str):
                                     "modules": factors.settings.modules})
     with eval_mode(model), GradientCapture(model, names) as cap:
         for rows, captured in _captures(cap, task, examples, settings, kind=kind):
-            grads = {n: torch.einsum("bto,bti->boi", c.g.double(), c.a.double())
-                     for n, c in captured.items()}
+            grads = {n: torch.bmm(c.g.to(dtype).transpose(1, 2), c.a.to(dtype))
+                     for n, c in captured.items()}  # sum over tokens of g_t a_t^T
             for n, g in grads.items():
-                if not torch.isfinite(g).all():
+                if check and not torch.isfinite(g).all():
                     raise NumericalError(f"non-finite gradient of module {n} at {kind} "
                                          f"records {_bad_rows(g, rows)}")
             yield rows, grads
@@ -581,14 +649,23 @@ def score(model: torch.nn.Module, task, factors: InfluenceFactors,
                                      kind="query"):
         for n, g in _precondition(factors, grads).items():
             queries[n].append(g)
-    pre = {n: torch.cat(v) for n, v in queries.items()}  # (n_query, d_out, d_in')
+    # the train side streams in the model's precision (float32 for most models): the
+    # per-example gradients and their products with the preconditioned queries
+    dtype = _model_dtype(model)
     n_query, n_train = len(query_examples), len(train_examples)
+    pre = {n: torch.cat(v).to(dtype).reshape(n_query, -1)
+           for n, v in queries.items()}  # (n_query, d_out * d_in')
     total = np.zeros((n_query, n_train))
     parts = {n: np.zeros((n_query, n_train)) for n in factors.modules} if per_module else None
     for rows, grads in _gradient_blocks(model, task, train_examples, factors, size,
-                                        kind="train"):
+                                        kind="train", dtype=dtype, check=False):
         for n in factors.modules:
-            block = torch.einsum("qoi,boi->qb", pre[n], grads[n]).numpy()  # (n_query, B)
+            flat = grads[n].reshape(len(rows), -1)  # (B, d_out * d_in')
+            block = (pre[n] @ flat.T).double().numpy()  # (n_query, B)
+            if not np.isfinite(block).all():  # a non-finite gradient spreads to its column
+                _, b = np.argwhere(~np.isfinite(block))[0]
+                raise NumericalError(f"non-finite gradient of module {n} at train record "
+                                     f"{rows[int(b)]}, or a non-finite preconditioned query")
             total[:, rows] += block
             if parts is not None:
                 parts[n][:, rows] = block

@@ -145,6 +145,11 @@ class AttributionTask(abc.ABC):
         """Per-query loss ``(B,)``; a positive score means a record made it smaller."""
         return self.train_loss(model, batch)
 
+    #: True when :meth:`sampled_loss` also takes a list of one generator per example, so
+    #: that a batch draws exactly what its examples would draw alone (the built-in tasks
+    #: do); a task without it is sampled one example at a time.
+    row_generators: bool = False
+
     @abc.abstractmethod
     def sampled_loss(self, model: torch.nn.Module, batch: dict,
                      generator: torch.Generator) -> torch.Tensor:
@@ -189,6 +194,8 @@ class LMTask(AttributionTask):
     and those labels are ignored as if they were -100 (see :meth:`targets`). Targets of the
     true Fisher are drawn at target positions only, so left padding does not change them.
     """
+
+    row_generators = True
 
     def __init__(self, *, pad_id: int = 0) -> None:
         self.pad_id = pad_id
@@ -262,9 +269,10 @@ class LMTask(AttributionTask):
             # draws at target positions only, in order, so that padding (left or right)
             # never shifts the random stream: a sequence draws the same targets padded or
             # alone
-            probs = _samplable(torch.softmax(logits.detach()[keep].double(), dim=-1))
-            if probs.shape[0]:
-                targets[keep] = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            probs = _samplable(torch.softmax(logits.detach()[keep], dim=-1))
+            if probs.shape[0]:  # (n_targets, V), row-major over (example, position)
+                counts = keep.sum(dim=1).tolist()  # targets of each example
+                targets[keep] = _draw(probs, _uniforms(generator, counts))
         nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100,
                               reduction="none")
         return nll.sum(dim=1)
@@ -279,6 +287,8 @@ class ClassificationTask(AttributionTask):
     fraction, a negative index) raises :class:`InputDataError` naming the example. A
     custom ``collate`` may give ``y`` as ``(B,)`` or ``(B, 1)``.
     """
+
+    row_generators = True
 
     def __init__(self, *, classes: Sequence[str] | None = None) -> None:
         self.classes = None if classes is None else [str(c) for c in classes]
@@ -327,8 +337,8 @@ class ClassificationTask(AttributionTask):
                      generator: torch.Generator) -> torch.Tensor:
         logits = self.logits(model, batch)
         with torch.no_grad():
-            probs = _samplable(torch.softmax(logits.detach().double(), dim=-1))
-            drawn = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            probs = _samplable(torch.softmax(logits.detach().double(), dim=-1))  # (B, C)
+            drawn = _draw(probs, _uniforms(generator, [1] * len(probs)))
         return F.cross_entropy(logits, drawn, reduction="none")
 
 
@@ -341,6 +351,8 @@ class RegressionTask(AttributionTask):
     ``collate`` may give ``y`` as ``(B,)`` or ``(B, 1)``; it is never broadcast against the
     ``(B,)`` predictions.
     """
+
+    row_generators = True
 
     def collate(self, examples: Sequence[Any]) -> dict[str, torch.Tensor]:
         pairs = [_pair(e, i, "target") for i, e in enumerate(examples)]
@@ -368,8 +380,40 @@ class RegressionTask(AttributionTask):
     def sampled_loss(self, model: torch.nn.Module, batch: dict,
                      generator: torch.Generator) -> torch.Tensor:
         pred = self._predict(model, batch)
-        noise = torch.randn(pred.shape, generator=generator, dtype=pred.dtype)
+        if isinstance(generator, torch.Generator):
+            noise = torch.randn(pred.shape, generator=generator, dtype=pred.dtype)
+        else:
+            noise = torch.cat([torch.randn(1, generator=gen, dtype=pred.dtype)
+                               for gen in _per_row(generator, pred.shape[0])])  # (B,)
         return 0.5 * (pred - (pred.detach() + noise)) ** 2
+
+
+def _per_row(generators: Sequence[torch.Generator], n_rows: int) -> Sequence[torch.Generator]:
+    """``generators`` checked to hold one ``torch.Generator`` per row of the batch."""
+    if len(generators) != n_rows or not all(isinstance(g, torch.Generator)
+                                            for g in generators):
+        raise ConfigError(f"sampled_loss takes one torch.Generator or a list of one per "
+                          f"example; got {len(generators)} items for a batch of {n_rows}")
+    return generators
+
+
+def _uniforms(generator, counts: list[int]) -> torch.Tensor:
+    """``sum(counts)`` uniforms in [0, 1), float64: from one generator, or ``counts[b]`` from
+    the ``b``-th of a list of per-example generators, so that an example draws the same
+    numbers in a batch as alone."""
+    if isinstance(generator, torch.Generator):
+        return torch.rand(sum(counts), generator=generator, dtype=torch.float64)
+    return torch.cat([torch.rand(n, generator=gen, dtype=torch.float64)
+                      for n, gen in zip(counts, _per_row(generator, len(counts)), strict=True)])
+
+
+def _draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One category per row of ``probs`` ``(n, V)`` by inverting its CDF at ``uniforms``
+    ``(n,)``: the same law as ``torch.multinomial``, in one call for every row."""
+    cdf = probs.cumsum(dim=-1)  # (n, V), in the model's precision
+    point = (uniforms.to(cdf.dtype) * cdf[:, -1])[:, None]  # (n, 1)
+    drawn = torch.searchsorted(cdf, point, right=True)[:, 0]
+    return drawn.clamp_max(probs.shape[-1] - 1)
 
 
 def _real_pairs(mask: torch.Tensor) -> torch.Tensor:
