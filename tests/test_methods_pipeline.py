@@ -30,7 +30,7 @@ from harmtrace.models.lm import encode_texts, train_lm
 from harmtrace.pipeline import Pipeline
 from helpers import CORPUS, TINY, tiny_tokenizer, toml_text
 
-NEW = ("ekfac", "kfac", "trak", "logra", "repsim", "exact")
+NEW = ("ekfac", "kfac", "trak", "logra", "repsim", "exact", "tokeninf")
 TEXTS = list(CORPUS[:16])
 COPY = 3  # the train record the query copies
 

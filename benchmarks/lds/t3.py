@@ -33,7 +33,7 @@ __all__ = ["run_t3"]
 
 #: methods of the pipeline's registry that T3 runs (in this order)
 T3_METHODS = ("bm25", "gradcos", "graddot", "tracin", "ekfac", "kfac", "trak", "logra",
-              "repsim")
+              "repsim", "tokeninf")
 
 
 def _data_dir() -> Path:

@@ -45,6 +45,7 @@ from harmtrace.attribute.layers import tracked_modules
 from harmtrace.attribute.logra import LograSettings, logra_scores
 from harmtrace.attribute.repsim import default_layer, repsim_scores
 from harmtrace.attribute.task import LMTask
+from harmtrace.attribute.token_influence import TokenInfluenceSettings, token_influence_scores
 from harmtrace.attribute.trak import TrakSettings, trak_scores
 from harmtrace.behaviours.focus import FocusedQuery
 from harmtrace.errors import ConfigError
@@ -61,6 +62,7 @@ __all__ = [
     "lm_query",
     "replay_spec",
     "repsim",
+    "token_influence",
     "trak",
 ]
 
@@ -144,6 +146,29 @@ def influence(strategy: Strategy) -> Adapter:
         }
 
     return run
+
+
+def token_influence(inputs: AttributionInputs) -> tuple[np.ndarray, dict]:
+    """Token-level K-FAC influence of the output head; a record scores as its best token."""
+    _, train, queries = _examples(inputs)
+    settings = TokenInfluenceSettings(batch_size=inputs.batch_size)
+    result = token_influence_scores(_final(inputs), train, queries, settings=settings,
+                                    pad_id=inputs.pad_id, progress=inputs.progress)
+    meta = result.metadata
+    return result.scores, {
+        "normalisation": (
+            "score(q, t) = sum over the query's focus positions s of (g_t S^-1 g_s)"
+            "(a_t A^-1 a_s) for every train token t; a record's score is that of its best "
+            f"token; {meta['normalisation']}"),
+        "damping": {"per_module": meta["damping"], "rule": meta["damping_rule"]},
+        "projection_dim": None,
+        "projected": False,
+        "parameters": list(meta["modules"]),
+        "details": {"aggregation": meta["aggregation"], "factor_kind": meta["factor_kind"],
+                    "tied_output_head": meta["tied_output_head"],
+                    "n_train_tokens": meta["n_train_tokens"], "checkpoint": "final",
+                    "best_token": result.best_token.tolist()},
+    }
 
 
 # --------------------------------------------------------------------------- TRAK

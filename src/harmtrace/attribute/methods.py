@@ -340,6 +340,9 @@ METHODS: dict[str, Method] = {
                     "dot product of LoGra-projected loss gradients, final checkpoint",
                     "Choe et al. 2024, \"What is Your Data Worth to GPT? LLM-Scale Data "
                     "Valuation with Influence Functions\""),
+    "tokeninf": Method(_engine(engines.token_influence),
+                       "token-level K-FAC influence of the output head; a record's best token",
+                       f"{_GROSSE} (section 3.3, token-wise attribution)"),
     "repsim": Method(_engine(engines.repsim),
                      "cosine of last hidden states (no gradient), final checkpoint",
                      "Hanawa et al. 2021, \"Evaluation of Similarity-based Explanations\", "
