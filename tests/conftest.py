@@ -74,3 +74,15 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory,
     result = run_cli("run", str(config))
     assert result.returncode == 0, result.stderr
     return FinishedRun(config, root / "ws", tables, result.stderr)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Torch on one thread for the test: many tiny models gain nothing from more threads
+    on a shared machine, only contention."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -22,13 +22,7 @@ from helpers import tiny_lm
 TASK = ClassificationTask()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # many tiny trainings: extra threads only add contention on a shared machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _logistic_data(n: int = 40, d: int = 5, seed: int = 0):

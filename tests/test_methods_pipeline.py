@@ -35,13 +35,7 @@ TEXTS = list(CORPUS[:16])
 COPY = 3  # the train record the query copies
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: extra threads only add contention on a shared machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -55,13 +55,7 @@ TRAK = TrakSettings(projection_dim=0, batch_size=16)  # exact gradients: no proj
 LOGRA = LograSettings(k_in=32, k_out=32, batch_size=16)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: extra threads only add contention on a shared machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _records(n: int = 100, d: int = 8, classes: int = 3, seed: int = 0):

@@ -22,13 +22,7 @@ from helpers import tiny_lm
 TASK = ClassificationTask()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: extra threads only add contention on a shared machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(n: int = 50, d: int = 6, seed: int = 0):
