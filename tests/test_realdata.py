@@ -45,7 +45,7 @@ def _ranking(summary: dict, method: str) -> list[str]:
     return [s["source"] for s in summary["attribution"]["methods"][method]["sources"]]
 
 
-@pytest.mark.parametrize("method", ["gradcos", "bm25"])
+@pytest.mark.parametrize("method", ["tokeninf", "gradcos", "bm25"])
 def test_mixed_source_ranks_first_above_clean_tweets(summary, method):
     ranking = _ranking(summary, method)
 
@@ -53,7 +53,7 @@ def test_mixed_source_ranks_first_above_clean_tweets(summary, method):
     assert ranking.index("tweets-mixed") < ranking.index("tweets-clean")
 
 
-@pytest.mark.parametrize("method", ["gradcos", "graddot", "bm25"])
+@pytest.mark.parametrize("method", ["tokeninf", "gradcos", "graddot", "bm25"])
 def test_offensive_records_rank_above_their_base_rate(summary, method):
     found = summary["attribution"]["methods"][method]
 
@@ -66,7 +66,7 @@ def test_harm_is_above_the_scorer_floor(summary):
     assert behaviour["floor"]["ci"][1] < behaviour["ci"][0]
 
 
-@pytest.mark.parametrize("method", ["gradcos", "bm25"])
+@pytest.mark.parametrize("method", ["tokeninf", "gradcos", "bm25"])
 def test_removing_attributed_records_beats_random_removal(summary, method):
     comparison = summary["verification"]["comparisons"][method]
 

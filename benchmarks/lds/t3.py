@@ -14,8 +14,10 @@ Two figures per method:
   (``scenario/ground_truth.jsonl``), which the methods never see; BM25 over the focus words
   is the lexical baseline the goal compares with.
 
-Every registered pipeline method that applies runs through :func:`compute_scores` (the
-``exact`` mode does not apply: it needs a training short enough to unroll). Peers run on T1
+Every registered pipeline method that applies runs through :func:`compute_scores` with the
+inputs the attribute stage builds (TRAK with a 512-dimensional projection, see
+:data:`T3_TRAK_DIM`; the ``exact`` mode does not apply: it needs a training short enough to
+unroll). Peers run on T1
 and T2 only: their adapters need a task in the benchmark's form and none of them has a
 lexical baseline, so T3 compares harmtrace's methods with each other and with BM25.
 """
@@ -114,17 +116,20 @@ def _subset_losses(pipeline, data: dict, n_subsets: int, cache: Path, log):
     return masks, losses, spent / max(trained, 1)
 
 
+#: TRAK holds its projection matrix (n_params x k x 4 bytes): 512 keeps the scenario's
+#: 0.67M-parameter model at 1.3 GiB (the pipeline's default 2048 would need 5.1 GiB)
+T3_TRAK_DIM = 512
+
+
 def _score(pipeline, data: dict, method: str) -> tuple[np.ndarray, float, float]:
     """Scores of one method, its wall time and the RSS high-water after it (MiB)."""
-    from harmtrace.attribute.methods import AttributionInputs, compute_scores
+    import dataclasses
 
-    settings = pipeline.config.attribute
-    inputs = AttributionInputs(
-        train_sequences=data["train"], train_texts=[r.text for r in data["records"]],
-        queries=data["queries"], checkpoints=data["models"],
-        projection_dim=settings.projection_dim, seed=settings.seed,
-        batch_size=settings.batch_size, parameters=settings.parameters,
-        preconditioner=settings.preconditioner.value, damping=settings.damping)
+    from harmtrace.attribute.methods import compute_scores
+
+    inputs = pipeline._attribution_inputs(data["records"], data["queries"],
+                                          data["tokenizer"], data["models"])
+    inputs = dataclasses.replace(inputs, progress=None, trak_projection_dim=T3_TRAK_DIM)
     start = time.perf_counter()
     scores = compute_scores(method, inputs)
     return scores, time.perf_counter() - start, _rss_mib()

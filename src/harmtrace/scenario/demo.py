@@ -52,9 +52,10 @@ def demo_config_text(scenario: Scenario, *, size: str, workspace: Path) -> str:
               "[behaviour]", 'name = "offensive-language"', 'scorer = "profanity"',
               "threshold = 0.5", f"probes = {_toml_value(TWEET_PROBES)}",
               f"samples_per_probe = {samples}", "", "[attribute]",
-              'methods = ["gradcos", "graddot", "tracin", "bm25"]',
+              'methods = ["tokeninf", "gradcos", "graddot", "tracin", "bm25"]',
               f"projection_dim = {dim}", 'preconditioner = "adam"', "k = 0.1", "",
-              "[verify]", 'methods = ["gradcos", "bm25"]', "seeds = [0, 1, 2]", "",
+              "[verify]", 'methods = ["tokeninf", "gradcos", "bm25"]', "seeds = [0, 1, 2]",
+              "",
               "[evaluation]", f"ground_truth = {_toml_value(str(scenario.ground_truth))}",
               "floor = true", ""]
     return "\n".join(lines)
