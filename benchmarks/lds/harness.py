@@ -10,6 +10,7 @@ the RSS high-water just before the method starts).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -61,18 +62,63 @@ def task_dir(cache: Path, task: BenchTask) -> Path:
 
 
 def full_model(task: BenchTask, cache: Path) -> torch.nn.Module:
-    """The model trained on every train record (cached; T2 also keeps its checkpoints)."""
+    """The model trained on every train record (cached), with its checkpoints in
+    ``task.extra["trajectory"]``: ``[(step, model)]`` in training order, the last being the
+    trained model (T1: every :data:`T1_CHECKPOINT_EVERY` steps; T2: see
+    :data:`T2_TRAJECTORY_CHECKPOINTS`), and the learning rate of every optimiser step in
+    ``task.extra["step_lr"]``. T2 also keeps ``train_lm``'s own 3 checkpoints with their
+    learning rates in ``task.extra["checkpoint_models"]`` (TracIn's input)."""
     folder = task_dir(cache, task)
     if task.name == "T1":
         path = folder / "full.pt"
         if path.exists():
             model = task.extra["factory"]()
             model.load_state_dict(torch.load(path, weights_only=True))
-            return model.eval()
-        model = task.fit(np.ones(len(task.train), dtype=bool))
-        torch.save(model.state_dict(), path)
+            model.eval()
+        else:
+            model = task.fit(np.ones(len(task.train), dtype=bool))
+            torch.save(model.state_dict(), path)
+        task.extra["trajectory"] = _t1_trajectory(task, folder, model)
         return model
     return _full_lm(task, folder)
+
+
+#: Optimiser steps between T1's stored checkpoints (an epoch is 16 steps, training 64).
+T1_CHECKPOINT_EVERY = 4
+
+
+def _t1_trajectory(task: BenchTask, folder: Path, final: torch.nn.Module) -> list[tuple]:
+    """``[(step, model)]`` of the full T1 training every :data:`T1_CHECKPOINT_EVERY` steps,
+    the last being ``final``; cached in ``full-checkpoints.pt`` beside ``full.pt``. Also
+    sets ``task.extra["step_lr"]``, the learning rate of every step.
+
+    An intermediate checkpoint is the same training replayed for its first ``step`` steps
+    (``ReplaySpec.batch_order`` = the prefix of the full run's order; the learning rate is
+    constant), so neither the task's settings nor its fingerprint change.
+    """
+    from harmtrace.attribute.exact import train_weighted
+
+    spec = task.extra["spec"]
+    order = [tuple(int(i) for i in rows) for rows in spec.batches(len(task.train))]
+    task.extra["step_lr"] = [spec.lr_at(k, len(order)) for k in range(len(order))]
+    path = folder / "full-checkpoints.pt"
+    if path.exists():
+        states = torch.load(path, weights_only=True)
+    else:
+        ones = np.ones(len(task.train))
+        states = {}
+        for step in range(T1_CHECKPOINT_EVERY, len(order), T1_CHECKPOINT_EVERY):
+            prefix = dataclasses.replace(spec, batch_order=tuple(order[:step]))
+            model = train_weighted(prefix, task.extra["factory"], task.attr_task, task.train,
+                                   ones)
+            states[f"step-{step}"] = model.state_dict()
+        torch.save(states, path)
+    found = []
+    for key, state in states.items():
+        model = task.extra["factory"]()
+        model.load_state_dict(state)
+        found.append((int(key.split("-")[1]), model.eval()))
+    return sorted(found, key=lambda pair: pair[0]) + [(len(order), final)]
 
 
 def _full_lm(task: BenchTask, folder: Path) -> torch.nn.Module:
@@ -88,7 +134,44 @@ def _full_lm(task: BenchTask, folder: Path) -> torch.nn.Module:
     meta = json.loads((folder / "checkpoints.json").read_text(encoding="utf-8"))
     task.extra["checkpoint_models"] = [
         (_eager(GPT2LMHeadModel.from_pretrained(m["path"])), float(m["lr"])) for m in meta]
+    task.extra["trajectory"] = _lm_trajectory(task, folder)
     return _eager(GPT2LMHeadModel.from_pretrained(final))
+
+
+#: Checkpoints of T2's trajectory: every 7 of its 126 steps.
+T2_TRAJECTORY_CHECKPOINTS = 18
+
+
+def _lm_trajectory(task: BenchTask, folder: Path) -> list[tuple]:
+    """``[(step, model)]`` of the full T2 training, :data:`T2_TRAJECTORY_CHECKPOINTS` evenly
+    spaced, cached under ``full-trajectory/``; also sets ``task.extra["step_lr"]``.
+
+    The training is replayed with more checkpoints saved (``train_lm`` with the same data
+    and seed; ``n_checkpoints`` only decides when to save), so the task's settings and
+    fingerprint stay the same. The replay's final model is checked against ``full-lm``.
+    """
+    from transformers import GPT2LMHeadModel
+
+    from harmtrace.models.lm import _lr_at, batch_order, train_lm
+
+    lm = task.extra["lm"]
+    total = len(batch_order(len(task.train), lm, seed=0))
+    task.extra["step_lr"] = [_lr_at(k, total, lm) for k in range(total)]
+    out = folder / "full-trajectory"
+    index = out / "trajectory.json"
+    if not index.exists():
+        more = dataclasses.replace(lm, n_checkpoints=T2_TRAJECTORY_CHECKPOINTS)
+        result = train_lm(task.train, task.extra["tokenizer"], more, seed=0, out_dir=out)
+        final = GPT2LMHeadModel.from_pretrained(folder / "full-lm")
+        drift = max(float((a - b).abs().max()) for a, b in zip(
+            result.model.state_dict().values(), final.state_dict().values(), strict=True))
+        if drift > 1e-5:
+            raise RuntimeError(f"the replayed T2 training differs from full-lm by {drift:.2e}; "
+                               f"delete {folder} to retrain both")
+        meta = [{"step": c.step, "path": c.path} for c in result.checkpoints]
+        index.write_text(json.dumps(meta), encoding="utf-8")
+    meta = json.loads(index.read_text(encoding="utf-8"))
+    return [(m["step"], _eager(GPT2LMHeadModel.from_pretrained(m["path"]))) for m in meta]
 
 
 def _eager(model):

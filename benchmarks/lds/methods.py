@@ -19,7 +19,7 @@ import torch
 from benchmarks.lds.methods_base import Clock, Method
 from benchmarks.lds.tasks import BenchTask
 
-__all__ = ["Clock", "MATCHED", "METHODS", "Method"]
+__all__ = ["Clock", "MATCHED", "METHODS", "Method", "SEGMENT_STEPS", "trajectory_segments"]
 
 # Matched EK-FAC settings shared by harmtrace and kronfluence: damping is the heuristic
 # 0.1 x the mean of each module's (corrected) eigenvalues, the true Fisher (targets sampled
@@ -59,6 +59,59 @@ def _influence(strategy: str) -> Callable:
             factors = inf.fit_factors(m, task.attr_task, task.train, settings=settings)
         with clock.score():
             result = inf.score(m, task.attr_task, factors, task.train, task.queries)
+        return np.asarray(result.scores)
+
+    return run
+
+
+#: Optimiser steps per segment of the trajectory methods: T1's epoch (16 steps), a third of
+#: T2's 126 steps (train_lm's own checkpoints); ``None``: every stored checkpoint.
+SEGMENT_STEPS = {"T1": 16, "T2": 42}
+
+
+def trajectory_segments(task: BenchTask, *, every: int | None) -> list:
+    """The full training as :class:`~harmtrace.attribute.unrolled.Segment` s ending at the
+    stored checkpoints whose step is a multiple of ``every`` (``None``: all of them).
+
+    A segment's step size is its mean learning rate converted to a step on the mean
+    per-record loss that influence's curvature describes: T1's SGD with heavy-ball momentum
+    ``beta`` moves ``lr / (1 - beta)`` per unit gradient in steady state; T2's loss is a
+    token mean, so its lr is divided by the mean labelled tokens per record. T2's AdamW
+    rescaling of each coordinate is not modelled (see :mod:`harmtrace.attribute.unrolled`).
+    """
+    from harmtrace.attribute.unrolled import Segment
+
+    if task.name == "T1":
+        scale = 1.0 / (1.0 - task.extra["spec"].momentum)
+    else:
+        scale = 1.0 / float(np.mean([len(x) - 1 for x in task.train]))
+    step_lr = task.extra["step_lr"]
+    chosen = [(s, m) for s, m in task.extra["trajectory"] if every is None or s % every == 0]
+    segments, start = [], 0
+    for step, ckpt in chosen:
+        lr = float(np.mean(step_lr[start:step])) * scale
+        segments.append(Segment(float32(ckpt) if task.name == "T1" else ckpt, lr, step - start))
+        start = step
+    return segments
+
+
+def _unrolled(combine: str, *, every_stored: bool) -> Callable:
+    def run(task: BenchTask, model: torch.nn.Module, clock: Clock) -> np.ndarray:
+        from harmtrace.attribute import influence as inf
+        from harmtrace.attribute.unrolled import UnrolledSettings, unrolled_scores
+
+        influence = inf.InfluenceSettings(damping=MATCHED["damping"],
+                                          fisher=inf.Fisher(MATCHED["fisher"]),
+                                          seed=MATCHED["seed"], batch_size=64)
+        settings = UnrolledSettings(combine=combine, influence=influence)
+        every = None if every_stored else SEGMENT_STEPS[task.name]
+        segments = trajectory_segments(task, every=every)
+        clock.notes.append(f"{len(segments)} segments: steps "
+                           f"{[s.n_steps for s in segments]}, step sizes "
+                           f"{[round(s.learning_rate, 6) for s in segments]}")
+        with clock.fit():  # factors, query and train gradients of every checkpoint
+            result = unrolled_scores(segments, task.attr_task, task.train, task.queries,
+                                     settings=settings)
         return np.asarray(result.scores)
 
     return run
@@ -125,6 +178,15 @@ METHODS: dict[str, Method] = {
                        "influence with the exact (dense) Hessian"),
     "ht-identity": Method("harmtrace", _influence("identity"), ("T1", "T2"),
                           "gradient dot product (no curvature)"),
+    "ht-source": Method("harmtrace", _unrolled("source", every_stored=False), ("T1", "T2"),
+                        "SOURCE unrolled EK-FAC, a segment per epoch (T1) / third (T2)"),
+    "ht-ekfac-ckpt": Method("harmtrace", _unrolled("sum", every_stored=False), ("T1", "T2"),
+                            "EK-FAC summed over checkpoints (lr x steps weights), as ht-source"),
+    "ht-source-all": Method("harmtrace", _unrolled("source", every_stored=True), ("T1", "T2"),
+                            "SOURCE over every stored checkpoint (T1 16, T2 18)", slow=True),
+    "ht-ekfac-ckpt-all": Method("harmtrace", _unrolled("sum", every_stored=True),
+                                ("T1", "T2"), "EK-FAC summed over every stored checkpoint",
+                                slow=True),
     "ht-trak": Method("harmtrace", _trak, ("T1", "T2"), "TRAK, one model"),
     "ht-repsim": Method("harmtrace", _repsim, ("T1", "T2"), "representation similarity"),
     "ht-logra": Method("harmtrace", _logra, ("T1", "T2"), "LoGra projected influence"),
