@@ -228,7 +228,7 @@ def test_cli_unknown_method_is_one_error_line_listing_the_valid_names(
 
     assert code == 2
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ConfigError: ")
+    assert len(lines) == 1 and lines[0].startswith("ConfigError: --method: ")
     assert "magic" in lines[0]
     for name in method_names():
         assert name in lines[0]
@@ -266,3 +266,16 @@ def test_exact_replays_the_train_stage_of_the_pipeline(copied_run):
     scores = np.load(pipeline.ws.artifact_dir("attribute") / "scores-exact.npy")
     assert scores.shape == (summary["n_queries"], summary["n_train"])
     assert np.isfinite(scores).all() and np.abs(scores).max() > 0
+
+
+@pytest.mark.parametrize("command", ["verify", "show"])
+def test_ledger_of_a_folder_without_a_workspace_is_one_error_line_and_creates_nothing(
+        tmp_path, monkeypatch, capsys, command):
+    missing = tmp_path / "nowhere"
+    code, err = _run_main(["ledger", command, "-w", str(missing)], monkeypatch, capsys)
+
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(f"ArtifactError: {missing} holds no harmtrace workspace")
+    assert not missing.exists()

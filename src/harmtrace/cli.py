@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from harmtrace.errors import HarmtraceError
+from harmtrace.errors import ConfigError, HarmtraceError
 
 __all__ = ["main"]
 
@@ -46,7 +46,10 @@ def _pipeline(config: str, workspace: str | None, quiet: bool, force: bool = Fal
 
     settings = load_config(config)
     if methods:  # validated before the workspace is opened
-        settings = with_methods(settings, methods)
+        try:
+            settings = with_methods(settings, methods)
+        except ConfigError as err:
+            raise ConfigError(f"--method: {err}") from err
     return Pipeline(settings, workspace=workspace, reporter=ConsoleReporter(quiet), force=force)
 
 
@@ -150,17 +153,31 @@ _ledger_db = click.option("--database-url", default=None,
                           help="Database URL (default: the workspace's SQLite file).")
 
 
+def _open_ledger(workspace: str, database_url: str | None):
+    """The ledger of an existing workspace; creates nothing."""
+    import sqlalchemy
+
+    from harmtrace.errors import ArtifactError
+    from harmtrace.ledger import Ledger
+    from harmtrace.store import Database
+
+    root = Path(workspace).resolve()
+    if database_url is None and not (root / "harmtrace.db").is_file():
+        raise ArtifactError(f"{root} holds no harmtrace workspace (no harmtrace.db); pass the "
+                            "folder of an investigation with -w, or its --database-url")
+    db = Database(database_url or f"sqlite:///{root / 'harmtrace.db'}")
+    if not sqlalchemy.inspect(db.engine).has_table("ledger"):
+        raise ArtifactError(f"the database of {root} has no ledger table: no stage has run "
+                            "there yet; run `harmtrace ingest CONFIG` first")
+    return Ledger(db, anchor_path=root / "ledger-head.json")
+
+
 @ledger.command(name="verify")
 @_ledger_ws
 @_ledger_db
 def ledger_verify(workspace: str, database_url: str | None) -> None:
     """Check the hash chain and the head anchor; exit 1 if anything was changed."""
-    from harmtrace.ledger import Ledger
-    from harmtrace.store import Database
-    from harmtrace.workspace import Workspace
-
-    ws = Workspace(Path(workspace), database_url=database_url)
-    report = Ledger(Database(ws.db_url), anchor_path=ws.root / "ledger-head.json").verify()
+    report = _open_ledger(workspace, database_url).verify()
     if report.ok:
         click.echo(f"ledger ok: {report.n_entries} entries")
         return
@@ -173,12 +190,7 @@ def ledger_verify(workspace: str, database_url: str | None) -> None:
 @_ledger_db
 def ledger_show(workspace: str, database_url: str | None) -> None:
     """List the ledger's entries."""
-    from harmtrace.ledger import Ledger
-    from harmtrace.store import Database
-    from harmtrace.workspace import Workspace
-
-    ws = Workspace(Path(workspace), database_url=database_url)
-    for e in Ledger(Database(ws.db_url)).entries():
+    for e in _open_ledger(workspace, database_url).entries():
         click.echo(f"{e.seq:4d} {e.time} {e.actor:10s} {e.stage:12s} {e.entry_hash[:16]}")
 
 
