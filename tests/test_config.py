@@ -69,3 +69,18 @@ def test_k_below_one_is_a_fraction_and_above_is_a_count() -> None:
     assert AttributeSettings(k=0.1).k_records(1970) == 197
     assert AttributeSettings(k=50).k_records(1970) == 50
     assert AttributeSettings(preconditioner=Preconditioner.ADAM).preconditioner == "adam"
+
+
+def test_a_source_without_a_required_key_names_the_table_and_the_key() -> None:
+    tables = {"sources": [{"name": "a", "path": "x.jsonl"}], "behaviour": {"probes": ["a"]}}
+
+    with pytest.raises(ConfigError, match=r"\[sources\[0\]\] needs the key\(s\) format"):
+        parse_config(tables)
+
+
+def test_an_unknown_train_key_lists_seed_and_model_path_among_the_allowed() -> None:
+    tables = {"sources": [{"name": "a", "path": "x.jsonl", "format": "jsonl"}],
+              "behaviour": {"probes": ["a"]}, "train": {"epoch": 3}}
+
+    with pytest.raises(ConfigError, match=r"did you mean 'epochs'.*model_path.*seed"):
+        parse_config(tables)

@@ -250,6 +250,13 @@ def _check_keys(table: dict, allowed: set[str], where: str, origin: str) -> None
 def _build(cls: type, table: dict, where: str, origin: str, skip: set[str] = frozenset()):
     allowed = {f.name for f in dataclasses.fields(cls)} - set(skip)
     _check_keys(table, allowed, where, origin)
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.name in allowed and f.name not in table
+               and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{origin}: [{where.rstrip('.')}] needs the key(s) "
+                          f"{', '.join(missing)}; add them (see the README's config example)")
     hints = get_type_hints(cls)
     values: dict[str, Any] = {}
     for key, value in table.items():
@@ -309,6 +316,8 @@ def parse_config(data: dict, *, origin: str = "<config>", base: Path | None = No
     behaviour = _build(BehaviourSpec, data["behaviour"], "behaviour.", origin)
     train_table = dict(data.get("train", {}))
     outer = {"seed", "model_path"}
+    _check_keys(train_table, {f.name for f in dataclasses.fields(LMSettings)} | outer,
+                "train.", origin)
     lm = _build(LMSettings, {k: v for k, v in train_table.items() if k not in outer},
                 "train.", origin)
     train = TrainSettings(lm=lm, seed=_coerce(train_table.get("seed", 0), int, "train.seed",
