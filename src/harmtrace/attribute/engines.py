@@ -48,7 +48,7 @@ from harmtrace.attribute.task import LMTask
 from harmtrace.attribute.token_influence import TokenInfluenceSettings, token_influence_scores
 from harmtrace.attribute.trak import TrakSettings, trak_scores
 from harmtrace.behaviours.focus import FocusedQuery
-from harmtrace.errors import ConfigError
+from harmtrace.errors import ConfigError, NumericalError
 from harmtrace.models.lm import GRAD_CLIP_NORM, LMSettings, batch_order, build_lm, warmup_steps
 
 if TYPE_CHECKING:
@@ -132,7 +132,13 @@ def influence(strategy: Strategy) -> Adapter:
         settings = InfluenceSettings(strategy=strategy, damping=inputs.influence_damping,
                                      seed=inputs.seed, batch_size=inputs.batch_size,
                                      modules=modules)
-        result = influence_scores(model, task, train, queries, settings=settings)
+        try:
+            result = influence_scores(model, task, train, queries, settings=settings)
+        except NumericalError as err:
+            if "damping" not in str(err):
+                raise
+            raise NumericalError(f"{err} (in the config: raise attribute.influence_damping, "
+                                 "or leave the key out for the default)") from err
         meta = result.metadata
         return result.scores, {
             "normalisation": meta["normalisation"],
