@@ -38,7 +38,14 @@ import numpy as np
 import torch
 from torch.func import functional_call
 
-from harmtrace.attribute.task import AttributionTask, LMTask, check_examples, per_example
+from harmtrace.attribute.task import (
+    AttributionTask,
+    LMTask,
+    as_enum,
+    check_examples,
+    check_train_and_queries,
+    per_example,
+)
 from harmtrace.errors import ConfigError, NumericalError
 
 __all__ = [
@@ -159,7 +166,7 @@ class ReplaySpec:
         if self.weight_decay < 0:
             raise ConfigError(f"ReplaySpec.weight_decay must be >= 0, got {self.weight_decay}")
         object.__setattr__(self, "optimizer",
-                           _enum(Optimizer, self.optimizer, "ReplaySpec.optimizer"))
+                           as_enum(Optimizer, self.optimizer, "ReplaySpec.optimizer"))
         if self.momentum and self.optimizer is not Optimizer.SGD:
             raise ConfigError("ReplaySpec.momentum applies to SGD only; for Adam set betas")
         if not all(0.0 <= b < 1.0 for b in self.betas) or not self.eps > 0:
@@ -169,7 +176,7 @@ class ReplaySpec:
             raise ConfigError(f"ReplaySpec.max_grad_norm must be > 0 or None, got "
                               f"{self.max_grad_norm}")
         object.__setattr__(self, "normalisation",
-                           _enum(Normalisation, self.normalisation, "ReplaySpec.normalisation"))
+                           as_enum(Normalisation, self.normalisation, "ReplaySpec.normalisation"))
         if self.batch_order is not None:
             order = tuple(tuple(int(i) for i in rows) for rows in self.batch_order)
             if not order or not all(order):
@@ -179,7 +186,7 @@ class ReplaySpec:
         if self.warmup_steps < 0:
             raise ConfigError(f"ReplaySpec.warmup_steps must be >= 0, got {self.warmup_steps}")
         object.__setattr__(self, "schedule",
-                           _enum(LRSchedule, self.schedule, "ReplaySpec.schedule"))
+                           as_enum(LRSchedule, self.schedule, "ReplaySpec.schedule"))
 
     def batches(self, n_train: int) -> list[np.ndarray]:
         """The record indices of every step, in order; independent of any weights."""
@@ -216,15 +223,6 @@ class ReplaySpec:
         if self.schedule is LRSchedule.COSINE:
             return self.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
         return self.lr
-
-
-def _enum(kind: type[enum.Enum], value: Any, name: str) -> Any:
-    """``value`` as a member of ``kind`` (members and their string values are accepted)."""
-    try:
-        return kind(value.value if isinstance(value, kind) else value)
-    except ValueError as err:
-        raise ConfigError(f"{name} = {value!r} is not one of "
-                          f"{[m.value for m in kind]}") from err
 
 
 class _Bound(torch.nn.Module):
@@ -453,11 +451,7 @@ def exact_scores(spec: ReplaySpec, model_factory: ModelFactory, task: Attributio
     """
     if query_chunk < 1:
         raise ConfigError(f"query_chunk must be >= 1, got {query_chunk}")
-    check_examples(train, argument="train")
-    check_examples(queries, argument="queries")
-    if not len(train) or not len(queries):
-        raise ConfigError(f"exact_scores needs train and query examples, got {len(train)} "
-                          f"train and {len(queries)} queries")
+    check_train_and_queries(train, queries, caller="exact_scores")
     need = replay_memory_bytes(spec, model_factory, task, train)
     if need > max_graph_bytes:
         raise ConfigError(

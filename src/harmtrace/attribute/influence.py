@@ -64,7 +64,7 @@ from harmtrace.attribute.layers import (
     module_info,
     tracked_modules,
 )
-from harmtrace.attribute.task import LMTask, check_examples
+from harmtrace.attribute.task import LMTask, as_enum, check_examples
 from harmtrace.errors import ArtifactError, ConfigError, NumericalError
 
 __all__ = [
@@ -142,8 +142,8 @@ class InfluenceSettings:
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
-        set_(self, "strategy", _enum(Strategy, self.strategy, "strategy"))
-        set_(self, "fisher", _enum(Fisher, self.fisher, "fisher"))
+        set_(self, "strategy", as_enum(Strategy, self.strategy, "influence strategy"))
+        set_(self, "fisher", as_enum(Fisher, self.fisher, "influence fisher"))
         if self.damping is not None:
             if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)):
                 raise ConfigError(f"influence damping must be a number >= 0 or None, got "
@@ -170,14 +170,6 @@ class InfluenceSettings:
         out["fisher"] = self.fisher.value
         out["modules"] = list(self.modules)
         return out
-
-
-def _enum(kind: type[enum.Enum], value: Any, name: str) -> Any:
-    try:
-        return kind(value)
-    except ValueError:
-        allowed = [m.value for m in kind]
-        raise ConfigError(f"influence {name} must be one of {allowed}, got {value!r}") from None
 
 
 @dataclass

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from harmtrace.attribute.exact import _cast_batch
-from harmtrace.attribute.task import AttributionTask, LMTask, check_examples
+from harmtrace.attribute.task import AttributionTask, LMTask, check_train_and_queries
 from harmtrace.errors import ConfigError, InputDataError, NumericalError
 
 __all__ = ["default_layer", "representations", "repsim_scores"]
@@ -130,11 +130,7 @@ def repsim_scores(model: torch.nn.Module, task: AttributionTask, train: Sequence
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    check_examples(train, argument="train")
-    check_examples(queries, argument="queries")
-    if not len(train) or not len(queries):
-        raise ConfigError(f"repsim_scores needs train and query examples, got {len(train)} "
-                          f"train and {len(queries)} queries")
+    check_train_and_queries(train, queries, caller="repsim_scores")
     common = {"layer": layer, "batch_size": batch_size}
     train_reps = representations(model, task, train, **common)  # (n_train, D)
     query_reps = representations(model, task, queries, query=True, **common)  # (n_query, D)

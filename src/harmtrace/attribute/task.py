@@ -29,6 +29,7 @@ naming the expected shape, since a reduction over the batch cannot be undone.
 from __future__ import annotations
 
 import abc
+import enum
 import numbers
 from collections.abc import Iterator, Mapping, Sequence, Set
 from typing import Any
@@ -55,6 +56,27 @@ __all__ = [
 
 class PadLabelWarning(UserWarning):
     """A batch labels tokens whose attention mask is 0 (padding); they are ignored."""
+
+
+def check_train_and_queries(train: Any, queries: Any, *, caller: str) -> None:
+    """Both ``train`` and ``queries`` sequences (:func:`check_examples`) and non-empty, else
+    a ConfigError naming ``caller``."""
+    check_examples(train, argument="train")
+    check_examples(queries, argument="queries")
+    if not len(train) or not len(queries):
+        raise ConfigError(f"{caller} needs train and query examples, got {len(train)} "
+                          f"train and {len(queries)} queries")
+
+
+def as_enum(kind: type[enum.Enum], value: Any, name: str) -> Any:
+    """``value`` (a member of ``kind`` or its string value) as a member of ``kind``, else a
+    ConfigError naming the setting ``name`` and the allowed values."""
+    try:
+        return kind(value.value if isinstance(value, kind) else value)
+    except ValueError:
+        allowed = [m.value for m in kind]
+        raise ConfigError(f"{name} must be one of {allowed}; {value!r} is not one of "
+                          "them") from None
 
 
 def check_examples(examples: Any, *, argument: str = "examples") -> Sequence[Any]:

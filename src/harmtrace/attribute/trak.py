@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch.func import grad, vmap
 
-from harmtrace.attribute.exact import _Bound, _cast_batch, _enum
+from harmtrace.attribute.exact import _Bound, _cast_batch
 from harmtrace.attribute.gradients import trainable_parameters
 from harmtrace.attribute.projection import GaussianProjector
 from harmtrace.attribute.task import (
@@ -54,7 +54,8 @@ from harmtrace.attribute.task import (
     ClassificationTask,
     LMTask,
     RegressionTask,
-    check_examples,
+    as_enum,
+    check_train_and_queries,
     per_example,
 )
 from harmtrace.errors import ConfigError, HarmtraceError, NumericalError
@@ -142,9 +143,9 @@ class TrakSettings:
         if self.batch_size < 1:
             raise ConfigError(f"TrakSettings.batch_size must be >= 1, got {self.batch_size}")
         object.__setattr__(self, "damping_scale",
-                           _enum(DampingScale, self.damping_scale, "TrakSettings.damping_scale"))
+                           as_enum(DampingScale, self.damping_scale, "TrakSettings.damping_scale"))
         object.__setattr__(self, "per_example",
-                           _enum(PerExample, self.per_example, "TrakSettings.per_example"))
+                           as_enum(PerExample, self.per_example, "TrakSettings.per_example"))
         object.__setattr__(self, "parameters", tuple(self.parameters))
 
 
@@ -378,11 +379,7 @@ def trak_scores(models: Sequence[torch.nn.Module] | torch.nn.Module, task: Attri
     """
     settings = settings or TrakSettings()
     models = _as_models(models)
-    check_examples(train, argument="train")
-    check_examples(queries, argument="queries")
-    if not len(train) or not len(queries):
-        raise ConfigError(f"trak_scores needs train and query examples, got {len(train)} "
-                          f"train and {len(queries)} queries")
+    check_train_and_queries(train, queries, caller="trak_scores")
     names = list(trainable_parameters(models[0], settings.parameters))
     for index, model in enumerate(models[1:], start=1):
         if list(trainable_parameters(model, settings.parameters)) != names:

@@ -77,7 +77,7 @@ from harmtrace.attribute.influence import (
     score,
     train_feature_blocks,
 )
-from harmtrace.attribute.task import check_examples
+from harmtrace.attribute.task import as_enum, check_examples
 from harmtrace.errors import ConfigError, NumericalError
 
 __all__ = ["Combine", "Segment", "UnrolledSettings", "unrolled_scores"]
@@ -144,11 +144,8 @@ class UnrolledSettings:
     source_damping: bool = False
 
     def __post_init__(self) -> None:
-        try:
-            object.__setattr__(self, "combine", Combine(self.combine))
-        except ValueError:
-            raise ConfigError(f"UnrolledSettings.combine must be one of "
-                              f"{[c.value for c in Combine]}, got {self.combine!r}") from None
+        object.__setattr__(self, "combine",
+                           as_enum(Combine, self.combine, "UnrolledSettings.combine"))
         if not isinstance(self.influence, InfluenceSettings):
             raise ConfigError(f"UnrolledSettings.influence must be an InfluenceSettings, got "
                               f"{type(self.influence).__name__}")
