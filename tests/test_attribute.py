@@ -11,7 +11,8 @@ from sklearn.metrics import average_precision_score
 
 from harmtrace.attribute.gradients import sequence_loss
 from harmtrace.attribute.methods import AttributionInputs, compute_scores, method_names
-from harmtrace.attribute.rollup import agreement, auprc, rollup_sources, top_k
+from harmtrace.attribute.rollup import auprc, rollup_sources, top_k
+from harmtrace.attribute.triangulate import method_agreement
 from harmtrace.behaviours.focus import FocusedQuery
 from harmtrace.errors import ConfigError
 from harmtrace.models.lm import LMSettings, encode_texts, train_lm
@@ -167,10 +168,11 @@ def test_auprc_is_average_precision_of_mean_scores() -> None:
 def test_a_method_agrees_perfectly_with_itself() -> None:
     scores, _ = _planted_scores()
     other = np.random.default_rng(1).normal(size=scores.shape)
-    rows = agreement({"a": scores, "a-copy": scores.copy(), "noise": other}, k=5)
+    pairs = method_agreement({"a": scores, "a-copy": scores.copy(), "noise": other}, k=5)
+    rows = [p.as_dict() for p in pairs]
     same = next(r for r in rows if {r["a"], r["b"]} == {"a", "a-copy"})
     assert same["spearman"] == pytest.approx(1.0)
-    assert same["topk_overlap"] == 1.0
+    assert same["topk_share"] == 1.0
     noisy = next(r for r in rows if {r["a"], r["b"]} == {"a", "noise"})
     assert noisy["spearman"] < 0.9
 

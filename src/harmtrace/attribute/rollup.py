@@ -6,10 +6,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-from scipy.stats import spearmanr
 from sklearn.metrics import average_precision_score
 
-__all__ = ["agreement", "auprc", "rollup_sources", "top_k"]
+__all__ = ["auprc", "records_frame", "rollup_sources", "top_k"]
 
 
 def rollup_sources(
@@ -52,19 +51,6 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
 def auprc(scores: np.ndarray, labels: Sequence[int]) -> float:
     """Average precision of the mean scores at finding records with label 1."""
     return float(average_precision_score(np.asarray(labels), scores.mean(axis=0)))
-
-
-def agreement(all_scores: dict[str, np.ndarray], *, k: int) -> list[dict]:
-    """Spearman correlation of mean scores and top-k overlap for each pair of methods."""
-    names = list(all_scores)
-    rows = []
-    for i, a in enumerate(names):
-        for b in names[i + 1 :]:
-            ma, mb = all_scores[a].mean(axis=0), all_scores[b].mean(axis=0)
-            rho = spearmanr(ma, mb).statistic
-            overlap = len(set(top_k(all_scores[a], k)) & set(top_k(all_scores[b], k))) / k
-            rows.append({"a": a, "b": b, "spearman": float(rho), "topk_overlap": overlap})
-    return rows
 
 
 def records_frame(record_ids, sources, texts, all_scores: dict[str, np.ndarray]) -> pd.DataFrame:

@@ -18,8 +18,7 @@ same top source), otherwise "methods disagree: treat the ranking as a hypothesis
 retraining". The thresholds are conventions (0.5 is a moderate rank correlation, half of
 the top records in common), not significance tests; change them through the dataclass.
 
-This supersedes :func:`harmtrace.attribute.rollup.agreement` (Spearman and top-k share only)
-and breaks ties in the top-k the same way, by :func:`harmtrace.attribute.rollup.top_k`.
+Ties in the top-k are broken by :func:`harmtrace.attribute.rollup.top_k`.
 """
 
 from __future__ import annotations
