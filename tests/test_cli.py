@@ -38,7 +38,7 @@ def _copy(workspace: Path, dest: Path) -> Path:
 
 def _ledger(workspace: Path) -> Ledger:
     db = Database(f"sqlite:///{workspace / 'harmtrace.db'}")
-    return Ledger(db, anchor_path=workspace / "ledger-head.json")
+    return Ledger.for_workspace(db, workspace, read_only=True)
 
 
 # -- a whole run -------------------------------------------------------------------------
@@ -51,7 +51,7 @@ def test_run_writes_the_report_and_one_verified_ledger_entry_per_stage(finished_
 
     result = run_cli("ledger", "verify", "-w", str(finished_run.workspace))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.strip() == "ledger ok: 5 entries"
+    assert result.stdout.startswith("ledger ok: 5 entries verify; signed heads checked")
 
     stages = [e.stage for e in _ledger(finished_run.workspace).entries()]
     assert stages == ["ingest", "train", "measure", "attribute", "report"]
@@ -252,7 +252,7 @@ def test_a_changed_ledger_row_fails_verification_naming_the_entry(
     assert "ledger FAILED at entry 2" in result.stdout
 
 
-def test_a_deleted_last_ledger_row_fails_verification_against_the_anchor(
+def test_a_deleted_last_ledger_row_fails_verification_against_the_signed_heads(
     finished_run, tmp_path: Path
 ) -> None:
     workspace = _copy(finished_run.workspace, tmp_path / "ws")
@@ -263,7 +263,7 @@ def test_a_deleted_last_ledger_row_fails_verification_against_the_anchor(
 
     assert result.returncode == 1
     assert "ledger FAILED at entry 5" in result.stdout
-    assert "anchor" in result.stdout
+    assert "removed" in result.stdout
 
 
 # -- public data -------------------------------------------------------------------------
@@ -318,3 +318,40 @@ def test_demo_without_public_data_chooses_the_built_in_scenario_and_says_so(
     scenario, config = prepare_demo(tmp_path / "demo", data_dir=data_dir, size="small")
     assert scenario.kind == "synthetic"
     assert load_config(config).sources[0].path.exists()
+
+
+def test_ledger_proofs_and_bundles_check_offline_from_the_command_line(
+    finished_run, tmp_path: Path
+) -> None:
+    workspace = _copy(finished_run.workspace, tmp_path / "ws")
+    pub = str(workspace / "keys" / "ledger-ed25519.pub")
+    ws = ["-w", str(workspace)]
+
+    assert run_cli("ledger", "prove", "2", *ws, "-o", str(tmp_path / "p.json")).returncode == 0
+    checked = run_cli("ledger", "check", str(tmp_path / "p.json"), "--public-key", pub)
+    assert checked.returncode == 0 and "entry 2 is in the log of 5" in checked.stdout
+
+    made = run_cli("ledger", "consistency", "2", "4", *ws, "-o", str(tmp_path / "c.json"))
+    assert made.returncode == 0
+    checked = run_cli("ledger", "check", str(tmp_path / "c.json"), "--public-key", pub)
+    assert checked.returncode == 0 and "prefix" in checked.stdout
+
+    bundle = tmp_path / "bundle.json"
+    assert run_cli("ledger", "export", *ws, "-o", str(bundle)).returncode == 0
+    verified = run_cli("ledger", "verify", "--bundle", str(bundle), "--public-key", pub)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+    data = json.loads(bundle.read_text())
+    data["entries"][2]["actor"] = "mallory"
+    bundle.write_text(json.dumps(data))
+    tampered = run_cli("ledger", "verify", "--bundle", str(bundle), "--public-key", pub)
+    assert tampered.returncode == 1
+    assert "ledger FAILED at entry 3" in tampered.stdout
+
+
+def test_ledger_verify_without_a_public_key_is_refused(finished_run, tmp_path: Path) -> None:
+    workspace = _copy(finished_run.workspace, tmp_path / "ws")
+    (workspace / "keys" / "ledger-ed25519.pub").unlink()
+    result = run_cli("ledger", "verify", "-w", str(workspace))
+    assert result.returncode == 2
+    assert "--public-key" in result.stderr

@@ -191,7 +191,7 @@ def test_ingest_stores_records_version_and_a_ledger_entry(
     database: Database, tmp_path: Path
 ) -> None:
     specs = _two_specs(tmp_path)
-    ledger = Ledger(database, anchor_path=tmp_path / "head.json")
+    ledger = Ledger(database, head_path=tmp_path / "head.json")
 
     result = ingest(database, specs, actor="ann", ledger=ledger)
 

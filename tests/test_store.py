@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 
 from harmtrace.errors import ArtifactError, ConfigError, InputDataError
 from harmtrace.store import (
+    AttributionRun,
     Checkpoint,
     Database,
     ModelInfo,
@@ -214,3 +215,33 @@ def test_bad_database_url_is_a_config_error() -> None:
         Database("not a url")
     with pytest.raises(ConfigError, match="unknown driver"):
         Database("nosuchdb://x/y")
+
+
+def test_a_database_from_before_schema_versions_is_refused_clearly(database: Database) -> None:
+    database.add_source(_source())
+    with database.engine.begin() as conn:
+        t.meta.drop(conn)
+    with pytest.raises(ArtifactError, match="schema version 1.*start a new workspace"):
+        database.create_all()
+
+
+def test_a_database_of_another_schema_version_is_refused_clearly(database: Database) -> None:
+    with database.transaction() as conn:
+        conn.execute(t.meta.update().values(value="99"))
+    with pytest.raises(ArtifactError, match="schema version 99.*needs 2"):
+        Database(str(database.engine.url.render_as_string(hide_password=False))).create_all()
+
+
+def test_attribution_runs_round_trip_per_model(database: Database) -> None:
+    database.add_source(_source())
+    records = _records(2)
+    database.add_records(records)
+    version = database.create_version([r.record_id for r in records], transform="ingest")
+    database.register_model(ModelInfo(model_id="m1", dataset_version=version))
+    run = AttributionRun(run_id="r1", model_id="m1", dataset_version=version, method="bm25",
+                         settings={"k": 2}, scores_sha256="c" * 64)
+
+    database.add_attribution_runs([run, run])
+
+    assert database.attribution_runs(model_id="m1") == [run]
+    assert database.attribution_runs(model_id="other") == []

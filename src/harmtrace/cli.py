@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
+from harmtrace._cli_versions import add_version_commands
 from harmtrace.errors import ConfigError, HarmtraceError
 
 __all__ = ["main"]
@@ -151,14 +152,18 @@ _ledger_ws = click.option("--workspace", "-w", default="harmtrace-demo", show_de
                           help="The workspace folder whose ledger to read.")
 _ledger_db = click.option("--database-url", default=None,
                           help="Database URL (default: the workspace's SQLite file).")
+_ledger_key = click.option("--public-key", "public_key", default=None,
+                           type=click.Path(dir_okay=False),
+                           help="Trusted public key file (default: the workspace's "
+                                "keys/ledger-ed25519.pub).")
 
 
-def _open_ledger(workspace: str, database_url: str | None):
-    """The ledger of an existing workspace; creates nothing."""
+def _open_ledger(workspace: str, database_url: str | None, public_key: str | None = None):
+    """The ledger of an existing workspace, for reading; creates nothing."""
     import sqlalchemy
 
     from harmtrace.errors import ArtifactError
-    from harmtrace.ledger import Ledger
+    from harmtrace.ledger import Ledger, PublicKey
     from harmtrace.store import Database
 
     root = Path(workspace).resolve()
@@ -169,17 +174,47 @@ def _open_ledger(workspace: str, database_url: str | None):
     if not sqlalchemy.inspect(db.engine).has_table("ledger"):
         raise ArtifactError(f"the database of {root} has no ledger table: no stage has run "
                             "there yet; run `harmtrace ingest CONFIG` first")
-    return Ledger(db, anchor_path=root / "ledger-head.json")
+    key = PublicKey.load(public_key) if public_key else None
+    return Ledger.for_workspace(db, root, public_key=key, read_only=True)
+
+
+def _write_json(data: dict, out: str | None) -> None:
+    import json
+
+    from harmtrace.workspace import atomic_write_json
+
+    if out:
+        atomic_write_json(Path(out), data)
+        click.echo(f"written to {out}")
+    else:
+        click.echo(json.dumps(data, indent=2))
 
 
 @ledger.command(name="verify")
 @_ledger_ws
 @_ledger_db
-def ledger_verify(workspace: str, database_url: str | None) -> None:
-    """Check the hash chain and the head anchor; exit 1 if anything was changed."""
-    report = _open_ledger(workspace, database_url).verify()
+@_ledger_key
+@click.option("--bundle", default=None, type=click.Path(dir_okay=False),
+              help="Verify an exported bundle offline instead of the workspace.")
+def ledger_verify(workspace: str, database_url: str | None, public_key: str | None,
+                  bundle: str | None) -> None:
+    """Check every entry, the Merkle tree, the signed heads and the data; exit 1 on any
+    change, naming the first bad entry."""
+    if bundle:
+        from harmtrace.ledger import PublicKey, verify_bundle
+
+        report = verify_bundle(bundle, PublicKey.load(public_key) if public_key else None)
+    else:
+        opened = _open_ledger(workspace, database_url, public_key)
+        if opened.public_key is None:
+            from harmtrace.errors import LedgerError
+
+            raise LedgerError(f"no public key to check the signatures: {workspace}/keys/"
+                              "ledger-ed25519.pub is missing; pass --public-key FILE (the "
+                              ".pub file kept when the key was made)")
+        report = opened.verify()
     if report.ok:
-        click.echo(f"ledger ok: {report.n_entries} entries")
+        click.echo(f"ledger ok: {report.reason}")
         return
     click.echo(f"ledger FAILED at entry {report.first_bad_seq}: {report.reason}")
     sys.exit(1)
@@ -194,9 +229,75 @@ def ledger_show(workspace: str, database_url: str | None) -> None:
         click.echo(f"{e.seq:4d} {e.time} {e.actor:10s} {e.stage:12s} {e.entry_hash[:16]}")
 
 
+@ledger.command(name="prove")
+@click.argument("seq", type=int)
+@_ledger_ws
+@_ledger_db
+@click.option("--size", type=int, default=None, help="Tree size to prove against "
+              "(default: the newest signed head).")
+@click.option("--out", "-o", default=None, help="Write the proof to this JSON file.")
+def ledger_prove(seq: int, workspace: str, database_url: str | None, size: int | None,
+                 out: str | None) -> None:
+    """Inclusion proof that entry SEQ is in the signed log (check it with `ledger check`)."""
+    _write_json(_open_ledger(workspace, database_url).prove(seq, size), out)
+
+
+@ledger.command(name="consistency")
+@click.argument("old", type=int)
+@click.argument("new", type=int, required=False)
+@_ledger_ws
+@_ledger_db
+@click.option("--out", "-o", default=None, help="Write the proof to this JSON file.")
+def ledger_consistency(old: int, new: int | None, workspace: str, database_url: str | None,
+                       out: str | None) -> None:
+    """Consistency proof that the log of OLD entries is a prefix of the log of NEW (default:
+    the newest signed head)."""
+    _write_json(_open_ledger(workspace, database_url).consistency(old, new), out)
+
+
+@ledger.command(name="check")
+@click.argument("proof_file", type=click.Path(dir_okay=False, exists=True))
+@click.option("--public-key", "public_key", required=True, type=click.Path(dir_okay=False),
+              help="Trusted public key file (ledger-ed25519.pub).")
+def ledger_check(proof_file: str, public_key: str) -> None:
+    """Check a proof file from `ledger prove` or `ledger consistency` offline; exit 1 if it
+    does not hold."""
+    import json
+
+    from harmtrace.errors import InputDataError
+    from harmtrace.ledger import PublicKey, check_proof
+
+    try:
+        proof = json.loads(Path(proof_file).read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise InputDataError(f"proof file {proof_file} is not JSON: {err}") from err
+    ok, why = check_proof(proof, PublicKey.load(public_key))
+    click.echo(f"proof {'ok' if ok else 'FAILED'}: {why}")
+    if not ok:
+        sys.exit(1)
+
+
+@ledger.command(name="export")
+@_ledger_ws
+@_ledger_db
+@click.option("--out", "-o", required=True, help="The bundle file to write (JSON).")
+def ledger_export(workspace: str, database_url: str | None, out: str) -> None:
+    """Write the log, its signed heads and the record hashes of every named dataset version
+    to one file that `ledger verify --bundle` checks offline."""
+    from harmtrace.ledger import export_bundle
+
+    summary = export_bundle(_open_ledger(workspace, database_url), out)
+    click.echo(f"bundle {out}: {summary['entries']} entries, {summary['heads']} signed heads, "
+               f"{summary['versions']} dataset versions")
+
+
 @cli.group()
 def data() -> None:
-    """Public datasets for the demo."""
+    """Datasets: the demo's public data, and the workspace's dataset versions."""
+
+
+# versions, prove, diff, edit, erase, export; and the `models` group
+add_version_commands(data, cli)
 
 
 @data.command(name="fetch")
@@ -207,6 +308,38 @@ def data_fetch(dest: str | None) -> None:
 
     folder = fetch_all(Path(dest) if dest else None, progress=click.echo)
     click.echo(f"datasets in {folder}; set HARMTRACE_DATA_DIR={folder} or run `harmtrace demo`")
+
+
+@data.command(name="map")
+@_config_arg
+@_ws_opt
+@_quiet_opt
+@_force_opt
+@click.option("--show-text", is_flag=True,
+              help="Also print the raw text of the exemplars; needs --reason and is recorded "
+                   "in the ledger before anything is printed.")
+@click.option("--reason", default="", help="Why raw text is shown (required with --show-text).")
+@click.option("--json", "as_json", is_flag=True, help="Print the map as JSON instead of tables.")
+def data_map(config: str, workspace: str | None, quiet: bool, force: bool, show_text: bool,
+             reason: str, as_json: bool) -> None:
+    """Map the dataset version: signals, duplicates, PII, clusters; aggregates only."""
+    import json
+
+    from harmtrace.datamap import render_datamap
+
+    if show_text and not reason.strip():
+        raise click.UsageError("--show-text needs --reason TEXT: every disclosure of raw text "
+                               "is recorded in the ledger with its reason")
+    if reason and not show_text:
+        raise click.UsageError("--reason is only used with --show-text")
+    result = _pipeline(config, workspace, quiet, force).datamap(show_text=show_text,
+                                                                 reason=reason)
+    if as_json:
+        click.echo(json.dumps({"summary": result.summary, "aggregates": result.aggregates,
+                               **({"disclosed": result.disclosed} if show_text else {})},
+                              indent=1, ensure_ascii=False))
+        return
+    render_datamap(result.summary, result.aggregates, Console(), disclosed=result.disclosed)
 
 
 def _quiet_dependencies() -> None:

@@ -11,6 +11,7 @@ A config has these tables (all optional but ``sources`` and ``behaviour.probes``
     [verify]         VerifySettings fields
     [report]         top_records
     [evaluation]     ground_truth (hidden labels, for AUPRC), floor (bool)
+    [datamap]        harmtrace.datamap.DatamapSettings fields; [datamap.domains] source = domain
 
 Relative paths are read relative to the config file's folder.
 """
@@ -29,6 +30,7 @@ from typing import Any, get_type_hints
 
 from harmtrace.attribute.methods import method_names
 from harmtrace.behaviours.spec import BehaviourSpec
+from harmtrace.datamap._settings import DatamapSettings
 from harmtrace.errors import ConfigError
 from harmtrace.ingest import SourceSpec
 from harmtrace.models.lm import LMSettings
@@ -229,11 +231,12 @@ class PipelineConfig:
     verify: VerifySettings = field(default_factory=VerifySettings)
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
     top_records: int = 20
+    datamap: DatamapSettings = field(default_factory=DatamapSettings)
     source_file: str = ""
 
 
 _TABLES = {"workspace", "sources", "heldout", "train", "behaviour", "attribute", "verify",
-           "report", "evaluation"}
+           "report", "evaluation", "datamap"}
 
 
 def _check_keys(table: dict, allowed: set[str], where: str, origin: str) -> None:
@@ -344,9 +347,25 @@ def parse_config(data: dict, *, origin: str = "<config>", base: Path | None = No
         attribute=_build(AttributeSettings, data.get("attribute", {}), "attribute.", origin),
         verify=_build(VerifySettings, data.get("verify", {}), "verify.", origin),
         evaluation=evaluation,
+        datamap=_datamap(data.get("datamap", {}), origin),
         top_records=int(report.get("top_records", 20)),
         source_file=origin,
     )
+
+
+def _datamap(table: dict, origin: str) -> DatamapSettings:
+    """The [datamap] table; ``domains`` is a table of source = domain, checked apart."""
+    _check_keys(table, {f.name for f in dataclasses.fields(DatamapSettings)}, "datamap.", origin)
+    table = dict(table)
+    domains = table.pop("domains", {})
+    if not isinstance(domains, dict):
+        raise ConfigError(f"{origin}: datamap.domains must be a table of source = \"domain\", "
+                          f"got {domains!r}")
+    settings = _build(DatamapSettings, table, "datamap.", origin, skip={"domains"})
+    try:
+        return dataclasses.replace(settings, domains=domains)
+    except ConfigError as err:
+        raise ConfigError(f"{origin}: {err}") from err
 
 
 def with_methods(config: PipelineConfig, methods: str | Sequence[str]) -> PipelineConfig:

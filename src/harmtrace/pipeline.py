@@ -30,6 +30,8 @@ from harmtrace.behaviours.measure import measure_behaviour
 from harmtrace.behaviours.scorers import make_scorer
 from harmtrace.behaviours.spec import ScorerKind
 from harmtrace.config import PipelineConfig, with_methods
+from harmtrace.datamap import Attribution, DatamapResult, build_datamap
+from harmtrace.datamap.perplexity import record_nll
 from harmtrace.errors import ArtifactError, ConfigError, HarmtraceError, InputDataError
 from harmtrace.hashing import sha256_file, sha256_json
 from harmtrace.ingest import ingest as ingest_sources
@@ -39,7 +41,7 @@ from harmtrace.models.lm import encode_texts, mean_token_nll, train_lm
 from harmtrace.models.tokenizer import load_tokenizer, train_tokenizer
 from harmtrace.progress import LogReporter, Reporter
 from harmtrace.report import write_report
-from harmtrace.store import Checkpoint, Database, ModelInfo
+from harmtrace.store import AttributionRun, Checkpoint, Database, ModelInfo, current_user
 from harmtrace.verify.experiment import Condition, run_condition
 from harmtrace.verify.stats import compare_removals
 from harmtrace.workspace import Workspace, atomic_write_json
@@ -69,7 +71,7 @@ class Pipeline:
                             database_url=config.database_url or None)
         self.db = Database(self.ws.db_url)
         self.db.create_all()
-        self.ledger = Ledger(self.db, anchor_path=self.ws.root / "ledger-head.json")
+        self.ledger = Ledger.for_workspace(self.db, self.ws.root)
         self.reporter = reporter or LogReporter()
         self.force = force
         for leftover in self.ws.clean_partial():
@@ -339,9 +341,16 @@ class Pipeline:
             atomic_write_json(out / "attribution.json", summary)
         digests = {m: sha256_file(self.ws.artifact_dir("attribute") / f"scores-{m}.npy")
                    for m in all_scores}
-        self._append("attribute", _settings(settings),
-                     {"model_id": model_id, "generations": gens_digest},
-                     {"score_files": digests})
+        runs = [_attribution_run(model_id, version, m, _settings(settings), metadata[m],
+                                 digests[m]) for m in all_scores]
+        # The runs and their ledger entry commit together.
+        with self.db.transaction(lock="ledger"):
+            self.db.add_attribution_runs(runs)
+            self._append("attribute", _settings(settings),
+                         {"model_id": model_id, "dataset_version": version,
+                          "generations": gens_digest},
+                         {"score_files": digests, "runs": {r.method: r.run_id for r in runs},
+                          "method_settings": {r.method: r.settings for r in runs}})
         for m in settings.methods:
             top = summary["methods"][m]["sources"][0]
             self.reporter.note(f"{m}: top source {top['source']} (score {top['score']:.4g})")
@@ -615,6 +624,98 @@ class Pipeline:
         frame.insert(0, "rank", range(1, len(frame) + 1))
         return frame.drop(columns=["mean_rank"]).reset_index(drop=True)
 
+    # -- data map ------------------------------------------------------------------------
+
+    def datamap(self, *, show_text: bool = False, reason: str = "",
+                actor: str | None = None) -> DatamapResult:
+        """Per-record signals, clusters and private aggregates of the dataset version.
+
+        Writes artifact ``datamap``: ``signals.parquet`` (no text), ``summary.json`` and
+        ``aggregates.json`` (see :mod:`harmtrace.datamap`). With ``show_text`` (which needs a
+        ``reason``) a ledger entry ``datamap-disclosure`` naming ``actor``, the reason and the
+        exemplar record ids is appended first; only then is their raw text returned in
+        ``disclosed``.
+        """
+        if show_text and not reason.strip():
+            raise ConfigError("show_text=True needs a reason (the CLI's --reason TEXT): every "
+                              "disclosure of raw text is recorded in the ledger with its reason")
+        version, records = self._records()
+        identity, extras = self._datamap_plan(records)
+        if not self._skip("datamap", identity):
+            self._write_datamap(records, identity, extras)
+        folder = self.ws.artifact_dir("datamap")
+        summary, aggregates = (json.loads((folder / f).read_text(encoding="utf-8"))
+                               for f in ("summary.json", "aggregates.json"))
+        result = DatamapResult(summary, aggregates, folder)
+        if not show_text:
+            return result
+        shown = [e["record_id"] for g in aggregates["cluster"]["groups"] for e in g["exemplars"]]
+        self.ledger.append(stage="datamap-disclosure",
+                           settings={"reason": reason, "what": "raw text of data map exemplars"},
+                           inputs={"dataset_version": version,
+                                   "aggregates": sha256_file(folder / "aggregates.json")},
+                           outputs={"record_ids": shown}, actor=actor or current_user())
+        texts = {r.record_id: r.text for r in records}
+        return dataclasses.replace(result, disclosed={i: texts[i] for i in shown})
+
+    def _datamap_plan(self, records) -> tuple[dict, dict]:
+        """The datamap artifact's identity and its optional inputs (model, scores, labels)."""
+        extras: dict[str, Any] = {"skipped": {}, "scorer": self._scorer()}
+        if extras["scorer"] is None:
+            extras["skipped"]["toxicity"] = "behaviour.scorer = 'target-logprob' scores no text"
+        model_id = None
+        if self.ws.read_meta("model") is not None and self.ws.is_current(
+                "model", self._identity("model")):
+            model_id = self._model_id()
+        else:
+            extras["skipped"]["perplexity"] = ("no trained or registered model for this dataset "
+                                               "version; run `harmtrace train` first")
+        attribution = None
+        try:
+            if self.ws.read_meta("attribute") is not None and self.ws.is_current(
+                    "attribute", self._identity("attribute")):
+                folder = self.ws.artifact_dir("attribute")
+                k = json.loads((folder / "attribution.json").read_text(encoding="utf-8"))["k"]
+                attribution = Attribution(pd.read_parquet(folder / "records.parquet"), int(k))
+                extras["attribution_digest"] = sha256_file(folder / "records.parquet")
+        except HarmtraceError:  # stale or missing inputs of the attribution: leave it out
+            attribution = None
+        extras["attribution"], extras["labels"] = attribution, self._labels(records)
+        spec = self.config.behaviour
+        identity = {"version": self._version(), "datamap": _settings(self.config.datamap),
+                    "scorer": [spec.scorer.value, list(spec.words), spec.threshold],
+                    "model": model_id, "attribution": extras.get("attribution_digest"),
+                    "labels": sha256_json(extras["labels"])}
+        extras["model_id"] = model_id
+        return identity, extras
+
+    def _write_datamap(self, records, identity: dict, extras: dict) -> None:
+        perplexity = None
+        if extras["model_id"] is not None:
+            tokenizer, models, _ = self._load_models()
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+            max_length = self.config.train.lm.max_length
+            perplexity = lambda texts: record_nll(  # noqa: E731
+                models[-1][0], encode_texts(tokenizer, texts, max_length=max_length), pad)
+        self.reporter.stage("datamap", f"mapping {len(records)} records")
+        built = build_datamap(records, self.config.datamap, scorer=extras["scorer"],
+                              threshold=self.config.behaviour.threshold, perplexity=perplexity,
+                              labels=extras["labels"], attribution=extras["attribution"],
+                              skipped=extras["skipped"], progress=self.reporter.step)
+        with self.ws.writing("datamap", identity) as out:
+            built.signals.to_parquet(out / "signals.parquet")
+            atomic_write_json(out / "summary.json", built.summary)
+            atomic_write_json(out / "aggregates.json", built.aggregates)
+        folder = self.ws.artifact_dir("datamap")
+        self._append("datamap", _settings(self.config.datamap),
+                     {"dataset_version": identity["version"], "model_id": identity["model"],
+                      "attribution": identity["attribution"], "labels": identity["labels"]},
+                     {f: sha256_file(folder / f)
+                      for f in ("signals.parquet", "summary.json", "aggregates.json")})
+        meta = built.summary["metadata"]
+        self.reporter.note(f"data map: {len(records)} records, embedding {meta['embedding']}, "
+                           f"written to {folder}")
+
     # -- everything ----------------------------------------------------------------------
 
     def run(self, *, scenario: dict | None = None) -> Path:
@@ -646,6 +747,17 @@ _CAVEATS = (
     ("Retraining keeps the tokenizer of the full data fixed, so only the model's training "
     "records change between conditions."),
 )
+
+
+def _attribution_run(model_id: str, version: str, method: str, settings: dict,
+                     metadata: dict, scores_sha256: str) -> AttributionRun:
+    """The registry row of one method's scores; its id hashes what made them."""
+    method_settings = json.loads(json.dumps(
+        {"attribute": settings, "metadata": metadata}, default=str))
+    run_id = sha256_json({"model": model_id, "version": version, "method": method,
+                          "settings": method_settings, "scores": scores_sha256})[:16]
+    return AttributionRun(run_id=run_id, model_id=model_id, dataset_version=version,
+                          method=method, settings=method_settings, scores_sha256=scores_sha256)
 
 
 def _n_params(model: torch.nn.Module) -> int:

@@ -41,10 +41,11 @@ def ingest(
     """Ingest ``specs`` into ``db`` as one dataset version (transform ``"ingest"``).
 
     Every source is read and checked before anything is written; then the sources, their
-    records and the version are written in one transaction, so a bad source leaves the
-    database untouched. Ingesting the same files again stores nothing new and returns the
-    same version id. Finally an entry (stage ``"ingest"``; inputs: each file's SHA-256;
-    outputs: the version id) is appended to ``ledger`` (default ``Ledger(db)``, no anchor).
+    records, the version and a ledger entry (stage ``"ingest"``; inputs: each file's
+    SHA-256; outputs: the version id, i.e. its Merkle root) are written in one transaction
+    under the ledger's lock, so a bad source leaves the database and the ledger untouched.
+    Ingesting the same files again stores nothing new and returns the same version id (and
+    appends another entry). ``ledger`` defaults to ``Ledger(db)``, with no anchor.
     """
     started = time.perf_counter()
     specs = _check_specs(specs)
@@ -54,10 +55,13 @@ def ingest(
     settings = {spec.name: _settings(spec) for spec in specs}
 
     db.create_all()
-    with db.transaction():
+    per_source = {name: len(recs) for name, recs in read.items()}
+    records = list(chain.from_iterable(read.values()))
+    # One transaction under the ledger's lock: the records, the version and the ledger
+    # entry commit together or not at all.
+    with db.transaction(lock="ledger"):
         for spec in specs:
             db.add_source(_source_info(spec, len(read[spec.name])))
-        records = list(chain.from_iterable(read.values()))
         db.add_records(records)
         version_id = db.create_version(
             [rec.record_id for rec in records],
@@ -65,18 +69,17 @@ def ingest(
             args={"sources": settings, "file_sha256": file_hashes},
             created_by=actor,
         )
-
-    per_source = {name: len(recs) for name, recs in read.items()}
-    entry = (ledger or Ledger(db)).append(
-        actor=actor,
-        stage="ingest",
-        settings={"sources": settings},
-        inputs={
-            spec.name: {"path": str(spec.path), "sha256": file_hashes[spec.name]}
-            for spec in specs
-        },
-        outputs={"version_id": version_id, "n_records": len(records), "per_source": per_source},
-    )
+        entry = (ledger or Ledger(db)).append(
+            actor=actor,
+            stage="ingest",
+            settings={"sources": settings},
+            inputs={
+                spec.name: {"path": str(spec.path), "sha256": file_hashes[spec.name]}
+                for spec in specs
+            },
+            outputs={"version_id": version_id, "n_records": len(records),
+                     "per_source": per_source},
+        )
     log.info("ingest: %d records from %d sources -> version %s in %.1f s",
              len(records), len(specs), version_id[:12], time.perf_counter() - started)
     return IngestResult(version_id, len(records), per_source, entry.seq)

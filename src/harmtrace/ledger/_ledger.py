@@ -1,28 +1,37 @@
-"""The append-only, verifiable ledger stored in the ``ledger`` table."""
+"""The append-only ledger stored in the database: entries, Merkle nodes and signed heads."""
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, insert, select
+from sqlalchemy import Connection, insert, select, tuple_
 from sqlalchemy.exc import IntegrityError
 
 from harmtrace._logging import get_logger
 from harmtrace.errors import LedgerError
-from harmtrace.hashing import canonical_json
+from harmtrace.hashing import canonical_json, sha256_text
 from harmtrace.ledger._chain import (
     GENESIS_HASH,
-    Anchor,
     LedgerEntry,
     VerifyReport,
     entry_hash,
     normalise,
-    verify_chain,
 )
-from harmtrace.store import Database, current_user, utc_now
+from harmtrace.ledger._signing import KEY_ENV, LedgerKey, PublicKey, TreeHead
+from harmtrace.ledger._verify import entry_leaf, verify_log
+from harmtrace.merkle import (
+    consistency_proof,
+    inclusion_proof,
+    node_hash,
+    push_frontier,
+    root_from_frontier,
+    split_point,
+)
+from harmtrace.store import Database, current_user, utc_now, version_fingerprint
 from harmtrace.store import schema as t
 from harmtrace.workspace import atomic_write_json
 
@@ -31,34 +40,74 @@ __all__ = ["Ledger"]
 log = get_logger(__name__)
 
 _APPEND_ATTEMPTS = 5
+_CHUNK = 500
 
 
 class Ledger:
-    """An append-only hash chain of stage runs, stored in the database.
+    """An append-only log of stage runs: a hash chain inside an RFC 6962 Merkle tree.
 
-    Concurrency: an append reads the head entry and inserts the next one in a single
-    transaction that holds a write lock for its whole length. On SQLite the transaction
-    starts with ``BEGIN IMMEDIATE`` (sent with ``exec_driver_sql`` from the engine's
-    ``begin`` event), which takes the database's write lock before the head is read; other
-    appenders wait up to the 30 s busy timeout. On PostgreSQL it runs
-    ``LOCK TABLE ledger IN EXCLUSIVE MODE`` first, which blocks other appenders but not
-    readers. Should two appenders still pick the same seq (another back end, or a writer
-    outside harmtrace), the primary key on ``seq`` rejects the second insert and the append
-    is retried up to 5 times.
+    Every append writes, in one transaction, the entry, the Merkle nodes it completes and a
+    tree head (size, root) signed with ``key``; after the commit the head is also written to
+    ``head_path``, a file outside the database. So a crash leaves the entry whole or absent,
+    and removing the newest entries from the database is caught by the head file.
+
+    Concurrency: an append reads the head and inserts the next entry in one transaction
+    holding a write lock (SQLite ``BEGIN IMMEDIATE``; PostgreSQL ``LOCK TABLE ledger IN
+    EXCLUSIVE MODE``), so appenders in several processes form one order. Should two still
+    pick the same seq (a writer outside harmtrace), the primary key refuses the second and
+    the append is retried up to 5 times. Called inside ``with db.transaction(lock="ledger")``
+    an append joins that transaction and commits with the caller's writes.
 
     Parameters
     ----------
     db:
-        The database holding the ``ledger`` table (call ``db.create_all()`` first).
-    anchor_path:
-        Optional JSON file holding the head ``{"seq", "entry_hash"}``, rewritten atomically
-        after each append while the lock is held. Without it, removing the newest entries
-        cannot be detected; keep it outside the database (and ideally off the machine).
+        The database (call ``db.create_all()`` first).
+    key:
+        Signs tree heads. ``None`` stores unsigned heads; verifying them with a key fails.
+    head_path:
+        JSON file that receives the newest signed head after each commit; keep it outside
+        the database (and ideally a copy off the machine).
+    public_key:
+        The key ``verify`` trusts; default ``key``'s public half.
     """
 
-    def __init__(self, db: Database, *, anchor_path: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        key: LedgerKey | None = None,
+        head_path: str | Path | None = None,
+        public_key: PublicKey | None = None,
+    ) -> None:
         self.db = db
-        self.anchor_path = None if anchor_path is None else Path(anchor_path)
+        self.key = key
+        self.head_path = None if head_path is None else Path(head_path)
+        self.public_key = public_key or (key.public if key else None)
+
+    @classmethod
+    def for_workspace(
+        cls, db: Database, root: str | Path, *, public_key: PublicKey | None = None,
+        read_only: bool = False,
+    ) -> Ledger:
+        """The ledger of the workspace at ``root``.
+
+        Its key is ``root/keys/ledger-ed25519.pem`` (or ``$HARMTRACE_LEDGER_KEY``), created
+        on first use, and its head file ``root/ledger-head.json``. With ``read_only`` no key
+        is created or loaded: ``verify`` trusts ``public_key``, else the ``.pub`` file beside the
+        key path, else nothing (``public_key`` is then ``None``).
+        """
+        root = Path(root)
+        key_path = Path(os.environ.get(KEY_ENV) or root / "keys" / "ledger-ed25519.pem")
+        head_path = root / "ledger-head.json"
+        if not read_only:
+            key = LedgerKey.load_or_create(key_path)
+            return cls(db, key=key, head_path=head_path, public_key=public_key)
+        pub = key_path.with_suffix(".pub")
+        if public_key is None and pub.exists():
+            public_key = PublicKey.load(pub)
+        return cls(db, head_path=head_path, public_key=public_key)
+
+    # -- writing -----------------------------------------------------------------------------
 
     def append(
         self,
@@ -92,73 +141,221 @@ class Ledger:
         log.info("ledger entry %d appended (stage %s)", entry.seq, stage)
         return entry
 
+    def _append_once(self, contents: dict[str, Any]) -> LedgerEntry:
+        with self.db.transaction(lock=t.ledger.name) as conn:
+            head = _head_row(conn)
+            seq, prev = (head["seq"] + 1, head["entry_hash"]) if head else (1, GENESIS_HASH)
+            digest = entry_hash(seq=seq, prev_hash=prev, **contents)
+            entry = LedgerEntry(seq=seq, prev_hash=prev, entry_hash=digest, **contents)
+
+            frontier = _frontier(conn, seq - 1)
+            new_frontier, completed = push_frontier(frontier, entry_leaf(digest))
+            root = root_from_frontier(new_frontier).hex()
+            tree_head = self._sign(seq, root, contents["time"])
+
+            conn.execute(insert(t.ledger), [_entry_row(entry)])
+            conn.execute(insert(t.ledger_nodes), [
+                {"height": h, "idx": (seq >> h) - 1, "hash": value.hex()}
+                for h, value in completed
+            ])
+            conn.execute(insert(t.ledger_heads), [tree_head.as_dict()])
+            self.db.after_commit(lambda: self._write_head_file(tree_head))
+        return entry
+
+    def _sign(self, size: int, root: str, time: str) -> TreeHead:
+        if self.key is None:
+            return TreeHead(size, root, time, "", "")
+        return self.key.sign(size, root, time)
+
+    def _write_head_file(self, head: TreeHead) -> None:
+        if self.head_path is None:
+            return
+        # Another process may have committed a later head meanwhile; never move backwards.
+        current = _read_head_file(self.head_path)
+        if isinstance(current, TreeHead) and current.size >= head.size:
+            return
+        atomic_write_json(self.head_path, head.as_dict())
+
+    # -- reading -----------------------------------------------------------------------------
+
     def entries(self) -> list[LedgerEntry]:
         """Every entry, ordered by seq."""
         with self.db.transaction() as conn:
             rows = _rows(conn)
         return [_entry_from_row(row) for row in rows]
 
+    def entry(self, seq: int) -> LedgerEntry:
+        """The entry ``seq``; LedgerError if there is none."""
+        with self.db.transaction() as conn:
+            row = conn.execute(select(t.ledger).where(t.ledger.c.seq == seq)).mappings().first()
+            size = _size(conn)
+        if row is None:
+            raise LedgerError(f"the ledger has no entry {seq}; it holds entries 1 to {size}")
+        return _entry_from_row(row)
+
     def head(self) -> LedgerEntry | None:
         """The newest entry, or ``None`` for an empty ledger."""
         with self.db.transaction() as conn:
-            row = _head(conn)
+            row = _head_row(conn)
         return None if row is None else _entry_from_row(row)
 
-    def verify(self) -> VerifyReport:
-        """Check every entry's hash and link, seq continuity and the anchor (if any).
+    def tree_head(self, size: int | None = None) -> TreeHead:
+        """The signed head for ``size`` entries (default the newest)."""
+        with self.db.transaction() as conn:
+            return _tree_head(conn, size)
 
-        Reads under the append lock, so the rows and the anchor are seen at one moment.
+    # -- proofs ------------------------------------------------------------------------------
+
+    def prove(self, seq: int, size: int | None = None) -> dict[str, Any]:
+        """An inclusion proof that entry ``seq`` is in the log of ``size`` entries.
+
+        Returns a JSON-ready dict with the entry, its leaf hash, the audit path (hex, leaf to
+        root) and the signed head it leads to; :func:`harmtrace.ledger.check_proof` checks
+        it offline.
+        """
+        with self.db.transaction() as conn:
+            head = _tree_head(conn, size)
+            if not 1 <= seq <= head.size:
+                raise LedgerError(
+                    f"entry {seq} is not in a log of {head.size} entries; pick 1..{head.size}"
+                )
+            row = conn.execute(select(t.ledger).where(t.ledger.c.seq == seq)).mappings().one()
+            path = inclusion_proof(seq - 1, head.size, _StoredNodes(conn).subtree)
+        return {
+            "kind": "inclusion",
+            "entry": _entry_dict(_entry_from_row(row)),
+            "leaf_hash": entry_leaf(row["entry_hash"]).hex(),
+            "index": seq - 1,
+            "tree_size": head.size,
+            "proof": [h.hex() for h in path],
+            "head": head.as_dict(),
+        }
+
+    def consistency(self, old_size: int, size: int | None = None) -> dict[str, Any]:
+        """A consistency proof that the log of ``old_size`` entries is a prefix of ``size``."""
+        with self.db.transaction() as conn:
+            new = _tree_head(conn, size)
+            old = _tree_head(conn, old_size)
+            if old.size > new.size:
+                raise LedgerError(
+                    f"OLD ({old.size}) must not exceed NEW ({new.size}) for a consistency proof"
+                )
+            path = consistency_proof(old.size, new.size, _StoredNodes(conn).subtree)
+        return {"kind": "consistency", "old_head": old.as_dict(), "head": new.as_dict(),
+                "proof": [h.hex() for h in path]}
+
+    # -- verifying ---------------------------------------------------------------------------
+
+    def verify(self, *, check_data: bool = True) -> VerifyReport:
+        """Check the whole log; see :mod:`harmtrace.ledger._verify` for every check.
+
+        Reads under the append lock so entries, nodes and heads are seen at one moment;
+        ``check_data`` also recomputes every named dataset version from stored records.
         """
         with self.db.transaction(lock=t.ledger.name) as conn:
             rows = _rows(conn)
-            anchor = self._read_anchor()
-        if isinstance(anchor, str):
-            return VerifyReport(False, len(rows), None, anchor)
-        if anchor is None and self.anchor_path is not None and rows:
-            return VerifyReport(
-                False, len(rows), None,
-                f"anchor file {self.anchor_path} is missing although the ledger has "
-                f"{len(rows)} entries; restore it from a backup",
+            heads = [_head_from_row(r) for r in conn.execute(
+                select(t.ledger_heads).order_by(t.ledger_heads.c.size)).mappings()]
+            nodes = {(r.height, r.idx): r.hash for r in conn.execute(select(t.ledger_nodes))}
+            outside = _read_head_file(self.head_path) if self.head_path else None
+        if isinstance(outside, str):
+            return VerifyReport(False, len(rows), None, outside)
+        if outside is None and self.head_path is not None and rows:
+            return VerifyReport(False, len(rows), None, (
+                f"head file {self.head_path} is missing although the ledger has {len(rows)} "
+                "entries; restore it from a backup"
+            ))
+        return verify_log(
+            rows, heads, key=self.public_key, nodes=nodes, outside_head=outside,
+            outside_where=f"head file {self.head_path}",
+            check_version=_DatabaseVersions(self.db).check if check_data else None,
+        )
+
+
+class _StoredNodes:
+    """``MTH(d[start:end])`` from the ``ledger_nodes`` table, fetched as needed."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def node(self, height: int, index: int) -> bytes:
+        col = t.ledger_nodes.c
+        query = select(col.hash).where(col.height == height, col.idx == index)
+        value = self.conn.execute(query).scalar_one_or_none()
+        if value is None:
+            raise LedgerError(
+                f"Merkle node (height {height}, index {index}) is missing from the database; "
+                "run `harmtrace ledger verify` to find what was removed"
             )
-        return verify_chain(rows, anchor)
+        return bytes.fromhex(value)
 
-    def _append_once(self, contents: dict[str, Any]) -> LedgerEntry:
-        previous: Anchor | None = None
-        anchored = False
-        try:
-            with self.db.transaction(lock=t.ledger.name) as conn:
-                head = _head(conn)
-                seq, prev = (head["seq"] + 1, head["entry_hash"]) if head else (1, GENESIS_HASH)
-                digest = entry_hash(seq=seq, prev_hash=prev, **contents)
-                entry = LedgerEntry(seq=seq, prev_hash=prev, entry_hash=digest, **contents)
-                conn.execute(insert(t.ledger), [_entry_row(entry)])
-                previous = None if head is None else Anchor(head["seq"], head["entry_hash"])
-                anchored = self._write_anchor(Anchor(seq, digest))
-        except BaseException:
-            if anchored:
-                # The commit failed after the anchor moved on; point it back at the old head.
-                self._write_anchor(previous or Anchor(0, GENESIS_HASH))
-            raise
-        return entry
+    def subtree(self, start: int, end: int) -> bytes:
+        n = end - start
+        if n & (n - 1) == 0 and start % n == 0:
+            return self.node(n.bit_length() - 1, start // n)
+        k = split_point(n)
+        return node_hash(self.subtree(start, start + k), self.subtree(start + k, end))
 
-    def _write_anchor(self, anchor: Anchor) -> bool:
-        if self.anchor_path is None:
-            return False
-        atomic_write_json(self.anchor_path, {"seq": anchor.seq, "entry_hash": anchor.entry_hash})
-        return True
 
-    def _read_anchor(self) -> Anchor | str | None:
-        """The anchor, ``None`` if there is none, or a message saying why it is unreadable."""
-        if self.anchor_path is None or not self.anchor_path.exists():
-            return None
-        try:
-            data = json.loads(self.anchor_path.read_text(encoding="utf-8"))
-            return Anchor(int(data["seq"]), str(data["entry_hash"]))
-        except (OSError, ValueError, KeyError, TypeError) as err:
+class _DatabaseVersions:
+    """Checks that a dataset version still matches its id over stored record hashes."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def check(self, version_id: str) -> str | None:
+        rec, link = t.records, t.version_records
+        erased = getattr(rec.c, "erased_at", None)
+        columns = [rec.c.record_id, rec.c.text, rec.c.content_hash]
+        query = (select(*columns, erased if erased is not None else rec.c.record_id)
+                 .join(link, link.c.record_id == rec.c.record_id)
+                 .where(link.c.version_id == version_id)
+                 .order_by(rec.c.record_id))
+        if not self.db.version_exists(version_id):
+            return f"dataset version {version_id[:12]}... is missing from the database"
+        with self.db.transaction() as conn:
+            rows = conn.execute(query).all()
+
+        root = version_fingerprint((rid, digest) for rid, _text, digest, _e in rows)
+        if root != version_id:
             return (
-                f"anchor file {self.anchor_path} cannot be read ({err}); it must hold "
-                '{"seq": N, "entry_hash": "..."}; restore it from a backup'
+                f"dataset version {version_id[:12]}... no longer matches its records: their "
+                f"stored hashes give root {root[:12]}... (a record hash or the version's "
+                "membership was changed)"
             )
+        for record_id, text, digest, erased_at in rows:
+            is_erased = erased is not None and erased_at is not None
+            if text is not None and not is_erased and sha256_text(text) != digest:
+                return (
+                    f"record {record_id} of dataset version {version_id[:12]}... holds text "
+                    "that does not hash to its stored content_hash (the text was changed)"
+                )
+        return None
+
+
+# -- rows ------------------------------------------------------------------------------------
+
+
+def _frontier(conn: Connection, size: int) -> list[tuple[int, bytes]]:
+    """The perfect subtrees (height, hash), tallest first, that make up the first ``size``."""
+    wanted: list[tuple[int, int]] = []
+    offset = 0
+    for height in range(size.bit_length() - 1, -1, -1):
+        if size >> height & 1:
+            wanted.append((height, offset >> height))
+            offset += 1 << height
+    if not wanted:
+        return []
+    col = t.ledger_nodes.c
+    query = select(col.height, col.idx, col.hash).where(tuple_(col.height, col.idx).in_(wanted))
+    found = {(h, i): v for h, i, v in conn.execute(query)}
+    missing = [w for w in wanted if w not in found]
+    if missing:
+        raise LedgerError(
+            f"Merkle nodes {missing} of the ledger are missing, so nothing can be appended; "
+            "run `harmtrace ledger verify` to find what was removed"
+        )
+    return [(h, bytes.fromhex(found[(h, i)])) for h, i in wanted]
 
 
 def _rows(conn: Connection) -> list[dict[str, Any]]:
@@ -166,10 +363,48 @@ def _rows(conn: Connection) -> list[dict[str, Any]]:
     return [dict(row) for row in conn.execute(query).mappings()]
 
 
-def _head(conn: Connection) -> dict[str, Any] | None:
+def _head_row(conn: Connection) -> dict[str, Any] | None:
     query = select(t.ledger).order_by(t.ledger.c.seq.desc()).limit(1)
     row = conn.execute(query).mappings().first()
     return None if row is None else dict(row)
+
+
+def _size(conn: Connection) -> int:
+    row = _head_row(conn)
+    return 0 if row is None else row["seq"]
+
+
+def _tree_head(conn: Connection, size: int | None) -> TreeHead:
+    table = t.ledger_heads
+    query = select(table)
+    if size is None:
+        query = query.order_by(table.c.size.desc()).limit(1)
+    else:
+        query = query.where(table.c.size == size)
+    row = conn.execute(query).mappings().first()
+    if row is None:
+        have = _size(conn)
+        if size is None or have == 0:
+            raise LedgerError("the ledger is empty: no stage has appended an entry yet")
+        raise LedgerError(f"the ledger has no signed head for size {size}; pick 1..{have}")
+    return _head_from_row(row)
+
+
+def _head_from_row(row: Mapping[str, Any]) -> TreeHead:
+    return TreeHead(row["size"], row["root"], row["time"], row["key_id"], row["signature"])
+
+
+def _read_head_file(path: Path | None) -> TreeHead | str | None:
+    """The head in ``path``, ``None`` if there is none, or why it cannot be read."""
+    if path is None or not path.exists():
+        return None
+    try:
+        return TreeHead.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return (
+            f"head file {path} cannot be read ({err}); it must hold a signed head "
+            '{"size", "root", "time", "key_id", "signature"}; restore it from a backup'
+        )
 
 
 def _entry_row(entry: LedgerEntry) -> dict[str, Any]:
@@ -198,3 +433,12 @@ def _entry_from_row(row: Mapping[str, Any]) -> LedgerEntry:
         prev_hash=row["prev_hash"],
         entry_hash=row["entry_hash"],
     )
+
+
+def _entry_dict(entry: LedgerEntry) -> dict[str, Any]:
+    return {
+        "seq": entry.seq, "time": entry.time, "actor": entry.actor, "stage": entry.stage,
+        "settings": entry.settings, "inputs": entry.inputs, "outputs": entry.outputs,
+        "prev_hash": entry.prev_hash, "entry_hash": entry.entry_hash,
+    }
+

@@ -1,6 +1,6 @@
 """Mask personal details in any text shown to a person.
 
-Five recognizers find spans of personal detail; :func:`mask_text` replaces each with a tag:
+Six recognizers find spans of personal detail; :func:`mask_text` replaces each with a tag:
 
 =========  ==========================================================  ==========
 kind       what it finds                                               tag
@@ -9,6 +9,7 @@ kind       what it finds                                               tag
 ``email``  ``local@domain.tld``                                        ``[email]``
 ``ip``     dotted IPv4 addresses                                       ``[ip]``
 ``user``   handles, ``@name`` (also inside ``RT @name:``)               ``@[user]``
+``card``   13 to 19 digits, optional spaces/dashes, valid Luhn checksum  ``[card]``
 ``phone``  9 to 15 digits in phone-like groups, optional ``+``/``()``  ``[phone]``
 =========  ==========================================================  ==========
 
@@ -44,6 +45,7 @@ class PiiKind(StrEnum):
     EMAIL = "email"
     IP = "ip"
     USER = "user"
+    CARD = "card"
     PHONE = "phone"
 
 
@@ -52,6 +54,7 @@ TAGS: dict[PiiKind, str] = {
     PiiKind.EMAIL: "[email]",
     PiiKind.IP: "[ip]",
     PiiKind.USER: "@[user]",
+    PiiKind.CARD: "[card]",
     PiiKind.PHONE: "[phone]",
 }
 
@@ -79,6 +82,7 @@ _PATTERNS: dict[PiiKind, re.Pattern[str]] = {
     PiiKind.EMAIL: re.compile(r"[\w.%+-]+@[\w-]+(?:\.[\w-]+)*\.[a-z]{2,}", re.IGNORECASE),
     PiiKind.IP: re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?!\w|\.[0-9])"),
     PiiKind.USER: re.compile(r"@\w+(?:\.\w+)*"),
+    PiiKind.CARD: re.compile(r"(?<![\w+])[0-9](?:[ -]?[0-9]){12,18}(?!\w)"),
     PiiKind.PHONE: re.compile(
         r"(?<![\w+])(?:\+[0-9]{1,3}[ .-]?)?(?:\([0-9]{1,4}\)[ .-]?)?"
         r"[0-9]{2,4}(?:[ .-]?[0-9]{2,5}){1,4}(?!\w)"
@@ -104,8 +108,21 @@ def normalise_text(text: str) -> str:
     return "".join(char for char in text if unicodedata.category(char) != "Cf")
 
 
+def _luhn_ok(digits: str) -> bool:
+    """Whether ``digits`` pass the Luhn checksum of payment card numbers."""
+    total = 0
+    for position, char in enumerate(reversed(digits)):
+        value = int(char) * (2 if position % 2 else 1)
+        total += value - 9 if value > 9 else value
+    return total % 10 == 0
+
+
 def _accept(kind: PiiKind, found: str) -> bool:
-    """Whether a regex match really is of ``kind``; filters phone-shaped non-phones."""
+    """Whether a regex match really is of ``kind``; filters phone-shaped non-phones and
+    card-shaped numbers that fail the Luhn check."""
+    if kind is PiiKind.CARD:
+        digits = "".join(char for char in found if char.isdigit())
+        return 13 <= len(digits) <= 19 and _luhn_ok(digits)
     if kind is not PiiKind.PHONE:
         return True
     n_digits = sum(char.isdigit() for char in found)

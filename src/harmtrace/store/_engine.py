@@ -1,7 +1,8 @@
 """Engines that behave the same on SQLite files and PostgreSQL.
 
-SQLite connections get ``PRAGMA foreign_keys=ON`` and ``PRAGMA journal_mode=WAL`` (readers
-do not block the writer) and a 30 s busy timeout. The ``sqlite3`` driver's own implicit
+SQLite connections get ``PRAGMA foreign_keys=ON``, ``PRAGMA journal_mode=WAL`` (readers
+do not block the writer), ``PRAGMA secure_delete=ON`` (freed bytes are zeroed, so erased
+text leaves the file) and a 30 s busy timeout. The ``sqlite3`` driver's own implicit
 transaction handling is switched off (``isolation_level = None``) and every transaction
 is begun explicitly from the engine's ``begin`` event, so a caller can ask for
 ``BEGIN IMMEDIATE``: that takes SQLite's write lock at once instead of at the first write,
@@ -62,6 +63,8 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA journal_mode=WAL")
+    # Zero freed bytes, so an erased record's text does not linger in free page space.
+    cursor.execute("PRAGMA secure_delete=ON")
     cursor.close()
 
 

@@ -7,12 +7,19 @@ record_id
     of the SHA-256 of the record's UTF-8 text. It is stable: the same text in the same source
     gets the same id on every run, whatever its row position, so re-ingesting a file is a
     no-op and a record keeps its id when its file is reordered.
-version fingerprint
-    ``harmtrace.hashing.combine`` over, for each record id in ascending string order, the
-    SHA-256 of the record id followed by the record's content hash. The same set of records
-    gives the same version id whatever order they were listed or inserted in; a duplicated
-    id counts once. The record id is hashed alongside the content so that the same text
-    under two sources makes two different versions.
+key
+    The record's stable logical identity across edits: at ingest ``key = record_id``; an
+    edit stores the new text as a new record (new ``record_id``) with the old record's
+    ``key`` and ``supersedes = old record_id``.
+version id
+    The RFC 6962 Merkle root (:mod:`harmtrace.merkle`), as 64 hex digits, of the version's
+    records sorted by ``record_id`` (ascending string order), where leaf ``i`` holds the
+    UTF-8 bytes of ``f"{record_id}\\n{content_hash}"``. The same set of records gives the same
+    id whatever order they were listed or inserted in; a duplicated id counts once. The
+    record id is hashed alongside the content so that the same text under two sources makes
+    two different versions, and an inclusion proof (``O(log n)`` hashes) shows that one
+    record belongs to a version without revealing the others. Erasing a record's text keeps
+    its content hash, so the root and every proof stay valid.
 """
 
 from __future__ import annotations
@@ -23,18 +30,24 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from harmtrace.hashing import combine, sha256_text
+from harmtrace.hashing import sha256_text
+from harmtrace.merkle import leaf_hash, range_hash
 
 __all__ = [
+    "AttributionRun",
     "Checkpoint",
+    "InclusionProof",
     "ModelInfo",
     "Record",
+    "RecordRef",
     "SourceInfo",
     "VersionInfo",
     "current_user",
     "make_record_id",
+    "record_leaf",
     "utc_now",
     "version_fingerprint",
+    "version_leaves",
 ]
 
 RECORD_ID_HASH_CHARS = 16
@@ -58,14 +71,23 @@ def make_record_id(source: str, content_hash: str) -> str:
     return f"{source}-{content_hash[:RECORD_ID_HASH_CHARS]}"
 
 
-def version_fingerprint(records: Iterable[tuple[str, str]]) -> str:
-    """The dataset version id of ``(record_id, content_hash)`` pairs; see the module docstring."""
+def record_leaf(record_id: str, content_hash: str) -> bytes:
+    """The Merkle leaf hash of one record in a version: ``leaf_hash(f"{id}\\n{hash}")``."""
+    return leaf_hash(f"{record_id}\n{content_hash}".encode())
+
+
+def version_leaves(records: Iterable[tuple[str, str]]) -> tuple[list[str], list[bytes]]:
+    """The sorted, de-duplicated record ids of ``(record_id, content_hash)`` pairs and their
+    leaf hashes, in leaf order."""
     pairs = dict(records)
-    return combine(
-        digest
-        for record_id in sorted(pairs)
-        for digest in (sha256_text(record_id), pairs[record_id])
-    )
+    ids = sorted(pairs)
+    return ids, [record_leaf(rid, pairs[rid]) for rid in ids]
+
+
+def version_fingerprint(records: Iterable[tuple[str, str]]) -> str:
+    """The dataset version id (Merkle root, hex) of ``(record_id, content_hash)`` pairs; see
+    the module docstring."""
+    return range_hash(version_leaves(records)[1]).hex()
 
 
 @dataclass(frozen=True)
@@ -75,6 +97,10 @@ class Record:
     ``position`` is the 0-based row (or passage) index within the source file; ``meta`` holds
     the row's other fields as strings. Build new records with :meth:`Record.create`, which
     computes ``content_hash`` and ``record_id``.
+
+    ``key`` (default: the record id) and ``supersedes`` (the record an edit replaced) are
+    described in the module docstring. An erased record has ``text = ""`` and ``erased_at``
+    / ``erased_by`` set; its ``content_hash`` is the hash of the text it had.
     """
 
     record_id: str
@@ -83,15 +109,36 @@ class Record:
     text: str
     content_hash: str
     meta: Mapping[str, str] = field(default_factory=dict)
+    key: str = ""
+    supersedes: str | None = None
+    erased_at: str | None = None
+    erased_by: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.key:
+            object.__setattr__(self, "key", self.record_id)
+
+    @property
+    def erased(self) -> bool:
+        """Whether the record's text was erased (see ``harmtrace data erase``)."""
+        return self.erased_at is not None
 
     @classmethod
     def create(
-        cls, *, source: str, position: int, text: str, meta: Mapping[str, str] | None = None
+        cls,
+        *,
+        source: str,
+        position: int,
+        text: str,
+        meta: Mapping[str, str] | None = None,
+        key: str | None = None,
+        supersedes: str | None = None,
     ) -> Record:
         """A record whose hash and id are computed from ``source`` and ``text``."""
         content_hash = sha256_text(text)
         record_id = make_record_id(source, content_hash)
-        return cls(record_id, source, position, text, content_hash, dict(meta or {}))
+        return cls(record_id, source, position, text, content_hash, dict(meta or {}),
+                   key or record_id, supersedes)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,6 +165,56 @@ class VersionInfo:
     n_records: int
     created_by: str
     created_at: str
+
+
+@dataclass(frozen=True)
+class RecordRef:
+    """A record's identity without its text: what version roots, proofs and diffs need."""
+
+    record_id: str
+    key: str
+    source: str
+    content_hash: str
+    erased: bool = False
+
+
+@dataclass(frozen=True)
+class InclusionProof:
+    """That one record belongs to a version: RFC 6962 audit path of its leaf.
+
+    Check it with ``harmtrace.merkle.verify_inclusion(index, size, record_leaf(record_id,
+    content_hash), [bytes.fromhex(h) for h in proof], bytes.fromhex(version_id))``, or with
+    :meth:`verify`.
+    """
+
+    version_id: str
+    record_id: str
+    content_hash: str
+    index: int
+    size: int
+    proof: tuple[str, ...]
+
+    def verify(self) -> bool:
+        """Whether the proof shows the record in the version whose id is ``version_id``."""
+        from harmtrace.merkle import verify_inclusion
+
+        leaf = record_leaf(self.record_id, self.content_hash)
+        hashes = [bytes.fromhex(h) for h in self.proof]
+        return verify_inclusion(self.index, self.size, leaf, hashes,
+                                bytes.fromhex(self.version_id))
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttributionRun:
+    """One attribution method run on a model: its settings and the digest of its scores."""
+
+    run_id: str
+    model_id: str
+    dataset_version: str
+    method: str
+    settings: Mapping[str, Any]
+    scores_sha256: str
+    created_at: str = field(default_factory=utc_now)
 
 
 @dataclass(frozen=True)

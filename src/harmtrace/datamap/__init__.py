@@ -1,0 +1,30 @@
+"""The data map: per-record signals, clusters and private aggregates of a dataset version.
+
+Signals (one long table ``record_id, source, signal, score, flag, detail``): ``length``,
+``language``, ``exact_duplicate``, ``near_duplicate``, ``pii``, ``toxicity``, ``perplexity``
+and ``cluster``; see :mod:`harmtrace.datamap.signals` and :mod:`harmtrace.datamap.clusters`.
+Everything the map stores or prints is an aggregate, a hash or record id, or an exemplar
+masked by :func:`harmtrace.report.redact.mask_text`; groups smaller than
+``datamap.min_group_size`` are suppressed.
+"""
+
+from harmtrace.datamap._build import (
+    SIGNAL_COLUMNS,
+    Attribution,
+    DataMap,
+    DatamapResult,
+    build_datamap,
+)
+from harmtrace.datamap._render import render_datamap
+from harmtrace.datamap._settings import DatamapSettings, Embedding
+
+__all__ = [
+    "SIGNAL_COLUMNS",
+    "Attribution",
+    "DataMap",
+    "DatamapResult",
+    "DatamapSettings",
+    "Embedding",
+    "build_datamap",
+    "render_datamap",
+]
