@@ -10,8 +10,9 @@ For each back end and size N it prints:
 
 - ingest: records per second of ``harmtrace.ingest`` on a JSONL file of N synthetic records
   (one transaction, records, version and the signed ledger entry);
-- data map: records per second of the data map on that version (TF-IDF clusters, no
-  perplexity; the embedding model's own cost is measured separately at the smaller size);
+- data map: records per second of the data map on that version (every signal but toxicity
+  and perplexity, which cost one model pass each; TF-IDF clusters). The MiniLM embedding
+  path is timed once, at the smallest N on SQLite, and printed below the table;
 - append: single signed ledger appends per second (each its own transaction), N appends;
 - verify: seconds for ``Ledger.verify()`` over N entries (expected to grow linearly);
 - proof: mean milliseconds and hashes per inclusion proof over 200 random entries, and per
@@ -71,12 +72,13 @@ def bench_ingest(url: str, path: Path, n: int) -> tuple[float, str, Database]:
     return n / seconds, result.version_id, db
 
 
-def bench_datamap(db: Database, version: str, n: int) -> float | None:
-    try:
-        from harmtrace.datamap import build_map_for_benchmark
-    except ImportError:
-        return None
-    _, seconds = _timed(lambda: build_map_for_benchmark(db, version))
+def bench_datamap(db: Database, version: str, n: int, embedding: str) -> float:
+    """Records per second of the data map (no toxicity or perplexity model)."""
+    from harmtrace.datamap import DatamapSettings, Embedding, build_datamap
+
+    records = db.version_records(version)
+    settings = DatamapSettings(embedding=Embedding(embedding))
+    _, seconds = _timed(lambda: build_datamap(records, settings))
     return n / seconds
 
 
@@ -117,12 +119,14 @@ def main() -> None:
         backends["postgresql"] = pg
     print(f"back ends: {', '.join(backends)}; sizes {args.sizes}; cores {os.cpu_count()}")
 
-    rows = []
+    rows, minilm_rate = [], None
     for name, url in backends.items():
         for n in args.sizes:
             path = _records_file(folder, n)
             ingest_rate, version, db = bench_ingest(url, path, n)
-            map_rate = bench_datamap(db, version, n)
+            map_rate = bench_datamap(db, version, n, "tfidf")
+            if n == min(args.sizes) and name == "sqlite":
+                minilm_rate = bench_datamap(db, version, n, "minilm")
             db.dispose()
             stats = bench_ledger(url, n)
             rows.append((name, n, ingest_rate, map_rate, stats))
@@ -138,6 +142,8 @@ def main() -> None:
               f"{s['verify_s']:>10.2f}{s['prove_ms']:>10.2f}{s['proof_hashes']:>8.1f}"
               f"{s['consistency_ms']:>12.2f}{s['consistency_hashes']:>8.1f}")
 
+    if minilm_rate:
+        print(f"data map with MiniLM embeddings (N={min(args.sizes)}): {minilm_rate:.0f} rec/s")
     for name in backends:
         mine = [(n, s) for b, n, _, _, s in rows if b == name]
         if len(mine) < 2:

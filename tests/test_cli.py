@@ -355,3 +355,36 @@ def test_ledger_verify_without_a_public_key_is_refused(finished_run, tmp_path: P
     result = run_cli("ledger", "verify", "-w", str(workspace))
     assert result.returncode == 2
     assert "--public-key" in result.stderr
+
+
+def test_an_erased_record_blocks_training_until_a_version_without_it_is_trained(
+    finished_run, tmp_path: Path
+) -> None:
+    workspace = _copy(finished_run.workspace, tmp_path / "ws")
+    ws = ["-w", str(workspace)]
+    db = Database(f"sqlite:///{workspace / 'harmtrace.db'}")
+    version = db.list_versions()[0].version_id
+    erased = db.version_refs(version)[0].record_id
+    db.dispose()
+    tables = {**finished_run.tables, "workspace": {"path": str(workspace)}}
+    config = tmp_path / "config.toml"
+    config.write_text(toml_text(tables), encoding="utf-8")
+
+    assert run_cli("data", "erase", erased, *ws, "--reason", "privacy request").returncode == 0
+    blocked = run_cli("train", str(config), "--force")
+    assert blocked.returncode == 2
+    assert erased in blocked.stderr and "train.dataset_version" in blocked.stderr
+
+    edit = run_cli("data", "edit", *ws, "--from", version[:8], "--delete", erased,
+                   "--reason", "drop the erased record")
+    assert edit.returncode == 0, edit.stderr
+    child = Database(f"sqlite:///{workspace / 'harmtrace.db'}").list_versions()[-1]
+    assert child.parent == version
+
+    tables["train"] = {**tables["train"], "dataset_version": child.version_id[:10]}
+    config.write_text(toml_text(tables), encoding="utf-8")
+    trained = run_cli("train", str(config))
+    assert trained.returncode == 0, trained.stderr
+    models = Database(f"sqlite:///{workspace / 'harmtrace.db'}").list_models()
+    assert models[-1].dataset_version == child.version_id
+    assert run_cli("ledger", "verify", *ws).returncode == 0

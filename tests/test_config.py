@@ -40,6 +40,7 @@ def test_relative_paths_are_read_from_the_config_folder(tmp_path: Path) -> None:
     ("verify", {"seeds": [0]}, r"verify.seeds"),
     ("behaviour", {"threshold": 2.0}, r"behaviour.threshold must be in \[0, 1\]"),
     ("behaviour", {"scorer": "wordlist"}, r"behaviour.words"),
+    ("train", {"dataset_version": 12}, r"train.dataset_version must be of type str"),
 ])
 def test_a_wrong_key_or_value_names_it(table, values, match) -> None:
     with pytest.raises(ConfigError, match=match):

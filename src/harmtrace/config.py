@@ -5,7 +5,7 @@ A config has these tables (all optional but ``sources`` and ``behaviour.probes``
     [workspace]      path, database_url
     [[sources]]      one table per source (see harmtrace.ingest.SourceSpec)
     [heldout]        path, text_field: benign held-out text for the utility metric
-    [train]          harmtrace.models.lm.LMSettings fields, seed, model_path
+    [train]          harmtrace.models.lm.LMSettings fields, seed, model_path, dataset_version
     [behaviour]      harmtrace.behaviours.spec.BehaviourSpec fields
     [attribute]      AttributeSettings fields
     [verify]         VerifySettings fields
@@ -51,11 +51,14 @@ __all__ = [
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """``lm`` is the model and optimiser; ``model_path`` loads an existing HF model instead."""
+    """``lm`` is the model and optimiser; ``model_path`` loads an existing HF model instead;
+    ``dataset_version`` (an id or unambiguous prefix, e.g. a version made by
+    ``harmtrace data edit``) trains on that version instead of the one ingest made."""
 
     lm: LMSettings = field(default_factory=LMSettings)
     seed: int = 0
     model_path: str = ""
+    dataset_version: str = ""
 
 
 class Preconditioner(StrEnum):
@@ -318,14 +321,16 @@ def parse_config(data: dict, *, origin: str = "<config>", base: Path | None = No
         raise ConfigError(f"{origin}: no [behaviour] table; give behaviour.probes at least")
     behaviour = _build(BehaviourSpec, data["behaviour"], "behaviour.", origin)
     train_table = dict(data.get("train", {}))
-    outer = {"seed", "model_path"}
+    outer = {"seed", "model_path", "dataset_version"}
     _check_keys(train_table, {f.name for f in dataclasses.fields(LMSettings)} | outer,
                 "train.", origin)
     lm = _build(LMSettings, {k: v for k, v in train_table.items() if k not in outer},
                 "train.", origin)
     train = TrainSettings(lm=lm, seed=_coerce(train_table.get("seed", 0), int, "train.seed",
                                               origin),
-                          model_path=_resolve(train_table.get("model_path", ""), base))
+                          model_path=_resolve(train_table.get("model_path", ""), base),
+                          dataset_version=_coerce(train_table.get("dataset_version", ""), str,
+                                                  "train.dataset_version", origin))
     workspace = data.get("workspace", {})
     _check_keys(workspace, {"path", "database_url"}, "workspace.", origin)
     heldout = data.get("heldout", {})

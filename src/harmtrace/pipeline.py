@@ -30,7 +30,7 @@ from harmtrace.behaviours.measure import measure_behaviour
 from harmtrace.behaviours.scorers import make_scorer
 from harmtrace.behaviours.spec import ScorerKind
 from harmtrace.config import PipelineConfig, with_methods
-from harmtrace.datamap import Attribution, DatamapResult, build_datamap
+from harmtrace.datamap import DATAMAP_FORMAT, Attribution, DatamapResult, build_datamap
 from harmtrace.datamap.perplexity import record_nll
 from harmtrace.errors import ArtifactError, ConfigError, HarmtraceError, InputDataError
 from harmtrace.hashing import sha256_file, sha256_json
@@ -121,6 +121,9 @@ class Pipeline:
         return {}
 
     def _version(self) -> str:
+        """The dataset version trained on: ``train.dataset_version`` or ingest's."""
+        if self.config.train.dataset_version:
+            return self.db.resolve_version(self.config.train.dataset_version)
         return self._read("ingest", "ingest.json", "ingest")["version_id"]
 
     def _model_id(self) -> str:
@@ -682,7 +685,8 @@ class Pipeline:
             attribution = None
         extras["attribution"], extras["labels"] = attribution, self._labels(records)
         spec = self.config.behaviour
-        identity = {"version": self._version(), "datamap": _settings(self.config.datamap),
+        identity = {"format": DATAMAP_FORMAT, "version": self._version(),
+                    "datamap": _settings(self.config.datamap),
                     "scorer": [spec.scorer.value, list(spec.words), spec.threshold],
                     "model": model_id, "attribution": extras.get("attribution_digest"),
                     "labels": sha256_json(extras["labels"])}

@@ -9,6 +9,7 @@ masked by :func:`harmtrace.report.redact.mask_text`; groups smaller than
 """
 
 from harmtrace.datamap._build import (
+    DATAMAP_FORMAT,
     SIGNAL_COLUMNS,
     Attribution,
     DataMap,
@@ -19,6 +20,7 @@ from harmtrace.datamap._render import render_datamap
 from harmtrace.datamap._settings import DatamapSettings, Embedding
 
 __all__ = [
+    "DATAMAP_FORMAT",
     "SIGNAL_COLUMNS",
     "Attribution",
     "DataMap",

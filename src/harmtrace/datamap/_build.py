@@ -24,10 +24,13 @@ from harmtrace.datamap.signals import (
 from harmtrace.hashing import sha256_json
 from harmtrace.report.redact import mask_text
 
-__all__ = ["Attribution", "DataMap", "DatamapResult", "SIGNAL_COLUMNS", "build_datamap"]
+__all__ = ["DATAMAP_FORMAT", "SIGNAL_COLUMNS", "Attribution", "DataMap", "DatamapResult",
+           "build_datamap"]
 
 log = get_logger(__name__)
 
+#: Layout version of the datamap artifact; part of its identity, so a new layout recomputes.
+DATAMAP_FORMAT = 1
 #: Columns of the long signal table, one row per (record, signal).
 SIGNAL_COLUMNS = ("record_id", "source", "signal", "score", "flag", "detail")
 #: Exemplars per cluster and the characters kept of each (after masking).

@@ -594,7 +594,8 @@ def _require_not_erased(version_id: str, records: list[Record]) -> None:
         f"dataset version {version_id[:12]} holds {len(erased)} erased record(s) ({shown}; "
         f"{first.record_id} erased at {first.erased_at} by {first.erased_by}), whose text is "
         "gone; create a version without them with `harmtrace data edit --from "
-        f"{version_id[:12]} --delete {first.record_id} --reason ...` and use that version"
+        f"{version_id[:12]} --delete {first.record_id} --reason ...` and train on it "
+        "(set train.dataset_version to its id)"
     )
 
 
