@@ -110,6 +110,8 @@ def bench_ledger(url: str, n: int, seed: int = 0) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
+    parser.add_argument("--backends", nargs="+", default=["sqlite", "postgresql"],
+                        choices=["sqlite", "postgresql"])
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="harmtrace-prov-"))
     backends = {"sqlite": f"sqlite:///{folder / 'bench.db'}"}
@@ -117,6 +119,7 @@ def main() -> None:
         "HARMTRACE_TEST_POSTGRES_URL")
     if pg:
         backends["postgresql"] = pg
+    backends = {name: url for name, url in backends.items() if name in args.backends}
     print(f"back ends: {', '.join(backends)}; sizes {args.sizes}; cores {os.cpu_count()}")
 
     rows, minilm_rate = [], None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from harmtrace.hashing import sha256_file
 from harmtrace.ledger import Ledger
 from harmtrace.store import Database, Record, SourceInfo
 from harmtrace.versions import export_croissant
+from harmtrace.versions._export import RECORDS_FILE
 
 mlc = pytest.importorskip("mlcroissant")
 
@@ -78,7 +80,7 @@ def test_raw_text_export_is_logged_as_a_disclosure(database: Database, tmp_path:
     ledger = Ledger(database)
     masked = export_croissant(database, version, tmp_path / "masked", ledger=ledger)
     raw = export_croissant(database, version, tmp_path / "raw", include_text=True,
-                           ledger=ledger)
+                           reason="audit", ledger=ledger)
 
     lines = [json.loads(line) for line in raw.records.read_text().splitlines()]
     assert {line["text"] for line in lines} == {r.text for r in records}
@@ -89,3 +91,44 @@ def test_raw_text_export_is_logged_as_a_disclosure(database: Database, tmp_path:
     assert last.outputs["files"] == raw.digests
     assert raw.digests["records.jsonl"] == sha256_file(raw.records)
     assert last.settings["include_text"] is True
+
+
+def test_raw_text_export_needs_a_reason_logged_with_actor_and_record_ids(
+        database: Database, tmp_path: Path) -> None:
+    from harmtrace.errors import ConfigError
+
+    version, records = _version(database)
+    ledger = Ledger(database)
+    with pytest.raises(ConfigError, match="reason"):
+        export_croissant(database, version, tmp_path / "raw", include_text=True, ledger=ledger)
+    assert not (tmp_path / "raw").exists() and ledger.entries() == []
+
+    export_croissant(database, version, tmp_path / "raw", include_text=True,
+                     reason="court order 12", actor="ann", ledger=ledger)
+    disclosure = next(e for e in ledger.entries() if e.stage == "disclosure")
+    assert (disclosure.actor, disclosure.settings["reason"]) == ("ann", "court order 12")
+    assert disclosure.outputs["record_ids"] == sorted(r.record_id for r in records)
+
+
+def test_export_folder_must_be_new_empty_or_an_earlier_export(database: Database,
+                                                               tmp_path: Path) -> None:
+    from harmtrace.errors import ConfigError
+
+    version, _ = _version(database)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("keep me")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("keep me")
+    for bad, match in ((a_file, "must be a folder"), (a_file / "sub", "is a file"),
+                       (busy, "holds other files")):
+        with pytest.raises(ConfigError, match=match):
+            export_croissant(database, version, bad)
+    assert a_file.read_text() == "keep me" and sorted(os.listdir(busy)) == ["notes.txt"]
+    assert Ledger(database).entries() == []
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    first = export_croissant(database, version, empty)
+    again = export_croissant(database, version, empty)  # an earlier export is replaced
+    assert first.digests[RECORDS_FILE] == again.digests[RECORDS_FILE]

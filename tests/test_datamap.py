@@ -12,6 +12,8 @@ import pytest
 
 from harmtrace.config import load_config, parse_config
 from harmtrace.datamap import DatamapSettings, Embedding, build_datamap
+from harmtrace.datamap._build import suppressed_groups
+from harmtrace.datamap._settings import LANGUAGE_CODES
 from harmtrace.datamap.perplexity import record_nll
 from harmtrace.datamap.signals import exact_duplicates, near_duplicates, pii_signal
 from harmtrace.errors import ConfigError
@@ -167,6 +169,24 @@ def test_card_numbers_with_valid_luhn_are_masked(text):
     assert mask_text(f"pay {text} now") == "pay [card] now"
 
 
+@pytest.mark.parametrize(("text", "address"), [
+    ("from 2001:db8::1, then", "2001:db8::1"),
+    ("at 2001:0db8:85a3:0000:0000:8a2e:0370:7334.", "2001:0db8:85a3:0000:0000:8a2e:0370:7334"),
+    ("fe80::1ff:fe23:4567:890a: denied", "fe80::1ff:fe23:4567:890a"),
+    ("mapped ::ffff:192.0.2.1 here", "::ffff:192.0.2.1"),
+    ("net 2001:DB8:: is", "2001:DB8::"),
+])
+def test_ipv6_addresses_are_masked(text, address):
+    assert [(s.kind, text[s.start : s.end]) for s in find_pii(text)] == [(PiiKind.IP, address)]
+    assert address not in mask_text(text) and "[ip]" in mask_text(text)
+
+
+@pytest.mark.parametrize("text", ["at 12:30:45 today", "1:2:3:4:5:6:7:8:9", "std::vector",
+                                  "cafe::bad", "ratio 3:2", "#Yankees win"])
+def test_colon_runs_that_are_no_ipv6_address_are_kept(text):
+    assert find_pii(text) == [] and mask_text(text) == text
+
+
 @pytest.mark.parametrize("text", ["4111 1111 1111 1112", "1234567890123456"])
 def test_card_shaped_numbers_failing_luhn_are_not_cards(text):
     assert PiiKind.CARD not in [s.kind for s in find_pii(f"pay {text} now")]
@@ -191,14 +211,71 @@ def test_groups_below_min_group_size_are_suppressed_with_their_exemplars():
                                                       min_group_size=25))
     sizes = np.bincount([int(d) for d in built.signals.query("signal == 'cluster'")["detail"]])
     clusters = built.aggregates["cluster"]
+    primary, hidden = suppressed_groups(dict(enumerate(sizes.tolist())), 25)
 
     assert all(g["n_records"] >= 25 for g in clusters["groups"])
-    assert clusters["suppressed"] == {"n_groups": int((sizes < 25).sum()),
-                                      "label": "suppressed (n < 25)"}
-    assert [g["source"] for g in built.aggregates["source"]["groups"]] == ["forum", "tweets"]
-    assert built.aggregates["source"]["suppressed"]["n_groups"] == 1  # tiny, 4 records
+    assert {g["cluster"] for g in clusters["groups"]} == set(range(len(sizes))) - hidden
+    assert clusters["suppressed"]["n_groups"] == len(hidden)
+    assert clusters["suppressed"]["n_primary"] == int((sizes < 25).sum()) == len(primary)
+    assert clusters["suppressed"]["label"] == "suppressed (n < 25)"
+    # tiny (4 records) is suppressed, and forum (30; the tie with tweets goes by name) with it
+    assert [g["source"] for g in built.aggregates["source"]["groups"]] == ["tweets"]
+    assert built.aggregates["source"]["suppressed"] == {
+        "n_groups": 2, "n_primary": 1, "n_secondary": 1, "n_records": 34, "secondary": True,
+        "label": "suppressed (n < 25)"}
     listed = {e["record_id"] for g in clusters["groups"] for e in g["exemplars"]}
     assert set(built.exemplar_ids) == listed
+
+
+def _hidden_remainder(built, kind: str) -> int:
+    """Records in the totals that no visible group of ``kind`` accounts for."""
+    total = built.summary["metadata"]["n_records"]
+    return total - sum(g["n_records"] for g in built.aggregates[kind]["groups"])
+
+
+def _hidden_flagged(built, kind: str, signal: str) -> float:
+    total = built.summary["signals"][signal]["n_flagged"]
+    return total - sum(g["signals"][signal]["flag_rate"] * g["n_records"]
+                       for g in built.aggregates[kind]["groups"])
+
+
+def test_totals_minus_visible_groups_never_isolate_fewer_than_min_group_size_records():
+    rng = random.Random(1)
+    tiny = [Rec(f"tiny:{i}", "tiny", f"call me at jane{i}@example.org {t}")
+            for i, t in enumerate(_filler(rng, 3))]  # 3 records, all with PII
+    records = _records()[:60] + tiny  # forum 30, tweets 30, tiny 3
+    for min_group_size in (10, 31, 40, 61, 70):
+        built = build_datamap(records, DatamapSettings(embedding=Embedding.TFIDF, n_clusters=5,
+                                                       min_group_size=min_group_size))
+        for kind in ("source", "domain", "cluster"):
+            hidden = _hidden_remainder(built, kind)
+            shown = built.aggregates[kind]["groups"]
+            assert hidden == 0 or hidden >= min_group_size or not shown, (kind, min_group_size)
+            assert hidden == built.aggregates[kind]["suppressed"]["n_records"]
+        # the subtraction the example made: 3 PII records can no longer be told apart
+        assert _hidden_remainder(built, "source") != 3
+        if min_group_size == 10:
+            assert built.aggregates["source"]["suppressed"]["secondary"]
+            assert _hidden_flagged(built, "source", "pii") >= 3
+
+    sizes_rng = random.Random(2)
+    for _ in range(2000):  # the rule itself, on random group sizes
+        sizes = {f"g{i}": sizes_rng.randint(1, 30) for i in range(sizes_rng.randint(1, 8))}
+        min_size = sizes_rng.randint(1, 40)
+        primary, hidden = suppressed_groups(sizes, min_size)
+        assert primary == {g for g, n in sizes.items() if n < min_size} and primary <= hidden
+        held = sum(sizes[g] for g in hidden)
+        assert held == 0 or held >= min_size or hidden == set(sizes)
+        if hidden - primary:  # secondary suppression hides the smallest visible groups only
+            assert max(sizes[g] for g in hidden - primary) <= min(
+                [sizes[g] for g in set(sizes) - hidden] or [np.inf])
+
+
+def test_cli_states_secondary_suppression(mapped):
+    out = " ".join(mapped["first"].stdout.split())
+
+    assert "2 source group(s) suppressed: 1 (n < 10), and secondary suppression of 1 more" \
+        in out
 
 
 def test_handles_never_appear_unmasked_in_artifacts_or_output(mapped):
@@ -290,6 +367,58 @@ def test_config_errors_name_the_key(tmp_path, table, key):
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         parse_config(tables)
+
+
+def test_n_clusters_above_the_record_count_is_clamped_and_stated(tmp_path):
+    built = build_datamap(_records()[:5], DatamapSettings(embedding=Embedding.TFIDF,
+                                                          n_clusters=8, min_group_size=1))
+    meta = built.summary["metadata"]
+
+    assert meta["n_clusters"] == 5
+    assert meta["n_clusters_note"] == ("datamap.n_clusters = 8 but there are only 5 records: "
+                                       "5 clusters were made")
+    from io import StringIO
+
+    from rich.console import Console
+
+    from harmtrace.datamap import render_datamap
+
+    out = StringIO()
+    render_datamap(built.summary, built.aggregates, Console(file=out, width=200))
+    assert "note: datamap.n_clusters = 8 but there are only 5 records" in out.getvalue()
+    unclamped = build_datamap(_records()[:5], DatamapSettings(embedding=Embedding.TFIDF,
+                                                              n_clusters=2))
+    assert "n_clusters_note" not in unclamped.summary["metadata"]
+
+
+def test_unknown_language_codes_are_refused_naming_key_value_and_example(tmp_path):
+    tables = _config_tables(tmp_path, languages=["en", "english"])
+
+    with pytest.raises(ConfigError) as raised:
+        parse_config(tables)
+    message = str(raised.value)
+    assert "datamap.languages" in message and "'english'" in message and '["en"]' in message
+    assert parse_config(_config_tables(tmp_path, languages=["en", "de"])).datamap.languages \
+        == ("en", "de")
+
+
+def test_language_codes_are_the_ones_py3langid_gives():
+    from harmtrace.datamap.signals import _identifier
+
+    assert set(_identifier().nb_classes) == LANGUAGE_CODES
+
+
+def test_data_map_without_ingest_creates_nothing(tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text(toml_text(_config_tables(tmp_path)), encoding="utf-8")
+    before = sorted(tmp_path.rglob("*"))
+
+    result = run_cli("data", "map", str(config))
+
+    assert result.returncode != 0
+    assert "harmtrace ingest" in result.stderr + result.stdout
+    assert sorted(tmp_path.rglob("*")) == before  # no ws/, harmtrace.db or keys/
+    assert not (tmp_path / "ws").exists()
 
 
 def test_domains_group_sources():

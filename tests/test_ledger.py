@@ -196,10 +196,44 @@ def test_removing_trailing_entries_with_their_heads_and_nodes_is_caught_by_the_h
     assert "head file" in report.reason or "removed" in report.reason
 
 
-def test_an_entry_appended_without_the_key_is_caught(ledger: Ledger) -> None:
-    Ledger(ledger.db).append(actor="mallory", stage="forged")
+def test_appending_without_the_key_that_signed_the_log_is_refused(ledger: Ledger) -> None:
+    for other in (Ledger(ledger.db), Ledger(ledger.db, key=LedgerKey.generate())):
+        with pytest.raises(LedgerError, match="newest head is signed by key"):
+            other.append(actor="mallory", stage="forged")
+    assert ledger.verify().ok
+
+
+def test_an_entry_appended_without_the_key_is_caught(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    forger = Ledger(ledger.db)
+    monkeypatch.setattr(forger, "_check_signer", lambda _head: None)  # a writer outside
+    forger.append(actor="mallory", stage="forged")
+    _fails_at(ledger.verify(), N_ENTRIES + 1)
+
+
+@pytest.mark.parametrize("size", range(1, N_ENTRIES + 1))
+def test_deleting_any_signed_head_is_caught(ledger: Ledger, size: int) -> None:
+    _sql(ledger.db, delete(t.ledger_heads).where(t.ledger_heads.c.size == size))
     report = ledger.verify()
-    _fails_at(report, N_ENTRIES + 1)
+    _fails_at(report, size)
+    assert "head for size" in report.reason
+
+
+def test_control_characters_in_the_actor_are_refused(ledger: Ledger) -> None:
+    with pytest.raises(LedgerError, match="control characters"):
+        ledger.append(actor="x\n  99 2030-01-01 root ingest", stage="s")
+
+
+def test_a_workspace_whose_key_file_went_missing_refuses_to_make_a_new_one(
+    database: Database, tmp_path: Path
+) -> None:
+    Ledger.for_workspace(database, tmp_path).append(stage="first")
+    pub = (tmp_path / "keys" / "ledger-ed25519.pub").read_text()
+    (tmp_path / "keys" / "ledger-ed25519.pem").unlink()
+    with pytest.raises(LedgerError, match="private key .* is missing"):
+        Ledger.for_workspace(database, tmp_path)
+    assert (tmp_path / "keys" / "ledger-ed25519.pub").read_text() == pub
 
 
 @pytest.mark.parametrize("size", [1, 3, N_ENTRIES])
@@ -318,10 +352,10 @@ def data_ledger(database: Database, key: LedgerKey, tmp_path: Path) -> Ledger:
     return ledger
 
 
-def _a_record_id(db: Database) -> str:
+def _a_record_id(db: Database, offset: int = 2) -> str:
     with db.engine.connect() as conn:
         return conn.execute(select(t.records.c.record_id).order_by(t.records.c.record_id)
-                            .limit(1).offset(2)).scalar_one()
+                            .limit(1).offset(offset)).scalar_one()
 
 
 def test_a_changed_stored_record_hash_names_the_entry_of_its_version(
@@ -350,6 +384,34 @@ def test_removing_a_record_from_a_version_is_caught(data_ledger: Ledger) -> None
     _sql(data_ledger.db, delete(t.version_records)
          .where(t.version_records.c.record_id == record_id))
     _fails_at(data_ledger.verify(), 2)
+
+
+@pytest.mark.parametrize("values", [{"key": "src-other"}, {"supersedes": "src-0"},
+                                    {"text": None}, {"erased_at": "2030-01-01"}])
+def test_changed_record_lineage_or_erasure_marks_are_caught(
+    data_ledger: Ledger, values: dict
+) -> None:
+    record_id = _a_record_id(data_ledger.db)
+    if "supersedes" in values:
+        values = {"supersedes": _a_record_id(data_ledger.db, 3)}
+    _sql(data_ledger.db, update(t.records).where(t.records.c.record_id == record_id)
+         .values(values))
+    report = data_ledger.verify()
+    _fails_at(report, 2)
+    assert record_id in report.reason
+
+
+def test_an_erasure_verifies_and_undoing_its_mark_is_caught(data_ledger: Ledger) -> None:
+    from harmtrace.versions import erase_record
+
+    record_id = _a_record_id(data_ledger.db)
+    erased = erase_record(data_ledger.db, record_id, reason="privacy request",
+                          ledger=data_ledger)
+    assert data_ledger.verify().ok
+    _sql(data_ledger.db, update(t.records).where(t.records.c.record_id == record_id)
+         .values(erased_at=None, erased_by=None))
+    report = data_ledger.verify()
+    _fails_at(report, erased.ledger_seq)
 
 
 def test_adding_a_record_to_a_version_is_caught(data_ledger: Ledger) -> None:
@@ -446,6 +508,29 @@ def test_changing_a_bundled_record_hash_names_the_entry_of_its_version(
     _edit(bundle, edit)
     report = verify_bundle(bundle, key.public)
     _fails_at(report, 2)
+
+
+def test_a_bundle_cut_short_fails_only_against_a_trusted_head(
+    bundle: Path, key: LedgerKey, data_ledger: Ledger
+) -> None:
+    trusted = data_ledger.tree_head()
+
+    def cut(d: dict) -> None:
+        d["entries"].pop()
+        d["heads"].pop()
+    _edit(bundle, cut)
+    assert verify_bundle(bundle, key.public).ok  # a shorter log is still a valid log
+    _fails_at(verify_bundle(bundle, key.public, trusted_head=trusted), 3)
+
+
+def test_a_proof_whose_stated_fields_contradict_it_fails(
+    long_ledger: Ledger, key: LedgerKey
+) -> None:
+    for field, value in (("index", 0), ("tree_size", 99), ("leaf_hash", "00" * 32)):
+        proof = json.loads(json.dumps(long_ledger.prove(6)))
+        proof[field] = value
+        ok, why = check_proof(proof, key.public)
+        assert not ok and field in why
 
 
 def test_a_bundle_checked_against_another_key_fails(bundle: Path) -> None:

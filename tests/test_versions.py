@@ -283,3 +283,85 @@ def test_version_prefixes_resolve_only_when_unambiguous(database: Database) -> N
         conn.execute(t.dataset_versions.insert(), rows)
     with pytest.raises(ConfigError, match="ambiguous"):
         database.resolve_version("abcd")
+
+
+def _table_counts(db: Database) -> dict[str, int]:
+    return {tab.name: _count(db, tab)
+            for tab in (t.records, t.dataset_versions, t.version_records, t.ledger)}
+
+
+def test_an_edit_whose_child_equals_the_parent_is_refused_and_writes_nothing(
+        database: Database) -> None:
+    version, records = _seed(database)
+    web0 = records["web"][0]
+    ledger = Ledger(database)
+    before = _table_counts(database)
+    with pytest.raises(InputDataError, match="no change: .*text it already has.*equal the "
+                                             "parent"):
+        edit_version(database, version, [RecordEdit.replace(web0.record_id, web0.text)],
+                     reason="x", ledger=ledger)
+    with pytest.raises(InputDataError, match="no change: .*child would equal the parent"):
+        edit_version(database, version, [RecordEdit.delete(web0.record_id),
+                                         RecordEdit.add("web", web0.text)],
+                     reason="x", ledger=ledger)
+    # an identical replace is refused even when other edits change something
+    with pytest.raises(InputDataError, match="no change"):
+        edit_version(database, version, [RecordEdit.replace(web0.record_id, web0.text),
+                                         RecordEdit.add("web", "new text")],
+                     reason="x", ledger=ledger)
+    assert _table_counts(database) == before
+    assert all(v.parent != v.version_id for v in database.list_versions())
+
+
+def test_repeated_added_texts_are_refused_naming_both(database: Database) -> None:
+    version, _ = _seed(database)
+    with pytest.raises(InputDataError, match="added record 2 repeats the text of added "
+                                             "record 1"):
+        edit_version(database, version, [RecordEdit.add("web", "twice"),
+                                         RecordEdit.add("web", "twice")], reason="x")
+
+
+def test_an_edit_to_an_existing_version_reports_it_and_still_logs_its_entries(
+        database: Database) -> None:
+    version, records = _seed(database)
+    ledger = Ledger(database)
+    edit = [RecordEdit.delete(records["web"][0].record_id)]
+    first = edit_version(database, version, edit, reason="one", actor="ann", ledger=ledger)
+    n_versions = _count(database, t.dataset_versions)
+
+    again = edit_version(database, version, edit, reason="two", actor="bob", ledger=ledger)
+
+    assert first.existing is None
+    assert again.version_id == first.version_id
+    assert again.existing is not None and again.existing.created_by == "ann"
+    assert again.existing.parent == version
+    assert _count(database, t.dataset_versions) == n_versions
+    entries = ledger.entries()
+    assert [e.seq for e in entries[-2:]] == list(again.ledger_seqs)
+    assert [e.stage for e in entries[-2:]] == ["record-delete", "dataset-version"]
+    assert entries[-1].actor == "bob" and entries[-1].settings["reason"] == "two"
+    assert entries[-1].outputs["existed"] is True
+    assert entries[-1].outputs["existing_created_by"] == "ann"
+    assert "existed" not in entries[-3].outputs
+    assert ledger.verify().ok
+
+
+def test_diff_excerpts_need_a_reason_and_log_it_with_actor_and_ids(
+        database: Database) -> None:
+    from harmtrace.versions import diff_excerpts
+
+    version, records = _seed(database)
+    child = edit_version(database, version, [RecordEdit.delete(records["web"][0].record_id)],
+                         reason="x")
+    diff = diff_versions(database, version, child.version_id)
+    ledger = Ledger(database)
+    n_entries = len(ledger.entries())
+    with pytest.raises(ConfigError, match="reason"):
+        diff_excerpts(database, diff, reason=" ", ledger=ledger)
+    assert len(ledger.entries()) == n_entries
+
+    shown = diff_excerpts(database, diff, reason="audit 7", actor="ann", ledger=ledger)
+    entry = ledger.entries()[-1]
+    assert (entry.stage, entry.actor, entry.settings["reason"]) == ("disclosure", "ann",
+                                                                     "audit 7")
+    assert entry.outputs["record_ids"] == [records["web"][0].record_id] == list(shown)

@@ -1,6 +1,6 @@
 """The command line for dataset versions and the model registry.
 
-``harmtrace data versions|prove|diff|edit|erase|export`` and ``harmtrace models
+``harmtrace data versions|records|prove|diff|edit|erase|export`` and ``harmtrace models
 list|show``: each parses its arguments, opens an existing workspace, calls
 :mod:`harmtrace.versions` or :class:`~harmtrace.store.Database`, and prints. Errors are
 :class:`~harmtrace.errors.HarmtraceError` that name the argument and the fix; ``main`` prints
@@ -10,6 +10,7 @@ them on one line and exits 2.
 from __future__ import annotations
 
 import json
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,22 @@ _ws = click.option("--workspace", "-w", default="harmtrace-demo", show_default=T
                    help="The workspace folder.")
 _db = click.option("--database-url", default=None,
                    help="Database URL (default: the workspace's SQLite file).")
-_actor = click.option("--actor", default=None, help="Who makes the change (default: login).")
+
+
+def _checked_actor(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """``--actor`` as given, or ConfigError if it is blank or holds control characters."""
+    from harmtrace.errors import ConfigError
+
+    if value is not None and (not value.strip() or any(
+            unicodedata.category(ch) == "Cc" for ch in value)):
+        raise ConfigError(f"--actor {value!r}: is blank or holds control characters "
+                          "(newlines, tabs); give a plain one-line name, or leave --actor out "
+                          "to use your login")
+    return value
+
+
+_actor = click.option("--actor", default=None, callback=_checked_actor,
+                      help="Who makes the change (default: login).")
 _reason = click.option("--reason", default=None,
                        help="Why (required; kept in the ledger).")
 
@@ -71,6 +87,18 @@ def _require_reason(reason: str | None) -> str:
     return reason
 
 
+def _disclosure_reason(flag: str, shown: bool, reason: str | None) -> str | None:
+    """The reason a text-showing ``flag`` needs; refused before any work if it is missing."""
+    from harmtrace.errors import ConfigError
+
+    if shown and (reason is None or not reason.strip()):
+        raise ConfigError(f"{flag} needs --reason TEXT: every disclosure of text is recorded "
+                          "in the ledger with its reason (e.g. --reason 'audit 2024-17')")
+    if reason is not None and not shown:
+        raise ConfigError(f"--reason is only used with {flag}; drop it, or add {flag}")
+    return reason
+
+
 def _read_text(path: str, argument: str) -> str:
     from harmtrace.errors import InputDataError
 
@@ -98,6 +126,40 @@ def data_versions(workspace: str, database_url: str | None) -> None:
                    f"{v.created_by:14}{v.created_at}")
 
 
+@click.command(name="records")
+@click.argument("version")
+@_ws
+@_db
+@click.option("--source", default=None, help="Only the records of this source.")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Print at most this many records.")
+def data_records(version: str, workspace: str, database_url: str | None, source: str | None,
+                 limit: int | None) -> None:
+    """List VERSION's records (id, source, key, hash prefix, erased), never their text."""
+    from harmtrace.errors import ConfigError
+
+    db, _ = _open(workspace, database_url)
+    version_id = _version(db, version, "VERSION")
+    refs = db.version_refs(version_id)
+    if source is not None:
+        names = sorted({ref.source for ref in refs})
+        if source not in names:
+            raise ConfigError(f"--source {source!r}: version {version_id[:12]} holds no "
+                              f"records of that source; its sources: {', '.join(names)}")
+        refs = [ref for ref in refs if ref.source == source]
+    shown = refs[:limit] if limit is not None else refs
+    width = max([len("record_id"), *(len(ref.record_id) for ref in shown)]) + 2
+    src_width = max([len("source"), *(len(ref.source) for ref in shown)]) + 2
+    key_width = max([len("key"), *(len(ref.key) for ref in shown)]) + 2
+    click.echo(f"{'record_id':{width}}{'source':{src_width}}{'key':{key_width}}"
+               f"{'content_hash':14}erased")
+    for ref in shown:
+        click.echo(f"{ref.record_id:{width}}{ref.source:{src_width}}{ref.key:{key_width}}"
+                   f"{ref.content_hash[:12]:14}{'yes' if ref.erased else 'no'}")
+    if len(shown) < len(refs):
+        click.echo(f"({len(refs) - len(shown)} more; raise --limit to see them)")
+
+
 @click.command(name="prove")
 @click.argument("version")
 @click.argument("record_id")
@@ -105,8 +167,15 @@ def data_versions(workspace: str, database_url: str | None) -> None:
 @_db
 def data_prove(version: str, record_id: str, workspace: str, database_url: str | None) -> None:
     """Print the Merkle inclusion proof that RECORD_ID is in VERSION (JSON)."""
+    from harmtrace.errors import InputDataError
+
     db, _ = _open(workspace, database_url)
-    proof = db.record_inclusion_proof(_version(db, version, "VERSION"), record_id)
+    version_id = _version(db, version, "VERSION")
+    if record_id not in {ref.record_id for ref in db.version_refs(version_id)}:
+        raise InputDataError(f"RECORD_ID {record_id!r} is not in dataset version "
+                             f"{version_id[:12]}; list its records with `harmtrace data "
+                             f"records {version_id[:12]} -w {workspace}`")
+    proof = db.record_inclusion_proof(version_id, record_id)
     click.echo(json.dumps({
         "version_id": proof.version_id, "record_id": proof.record_id,
         "content_hash": proof.content_hash, "leaf_index": proof.index,
@@ -121,16 +190,19 @@ def data_prove(version: str, record_id: str, workspace: str, database_url: str |
 @_ws
 @_db
 @click.option("--show-text", is_flag=True,
-              help="Also show masked excerpts of the records named (logged to the ledger).")
+              help="Also show masked excerpts of the records named; needs --reason and is "
+                   "logged to the ledger before anything is shown.")
+@click.option("--reason", default=None, help="Why text is shown (required with --show-text).")
 @_actor
 def data_diff(a: str, b: str, workspace: str, database_url: str | None, show_text: bool,
-              actor: str | None) -> None:
+              reason: str | None, actor: str | None) -> None:
     """Records added, removed and changed (same key, other content) from A to B, per source."""
     from harmtrace.versions import diff_excerpts, diff_versions
 
+    reason = _disclosure_reason("--show-text", show_text, reason)
     db, root = _open(workspace, database_url)
     diff = diff_versions(db, _version(db, a, "A"), _version(db, b, "B"))
-    excerpts = (diff_excerpts(db, diff, actor=actor, ledger=_ledger(db, root))
+    excerpts = (diff_excerpts(db, diff, reason=reason, actor=actor, ledger=_ledger(db, root))
                 if show_text else {})
 
     def line(mark: str, text: str, rid: str) -> str:
@@ -195,18 +267,65 @@ def data_edit(workspace: str, database_url: str | None, parent: str, deletes: tu
     click.echo(f"version {result.version_id} ({result.n_records} records) from "
                f"{result.parent[:12]}: {len(result.changes)} record edits, ledger entries "
                f"{result.ledger_seqs[0]}-{result.ledger_seqs[-1]}")
+    if result.existing is not None:
+        old = result.existing
+        origin = f" from {old.parent[:12]}" if old.parent else ""
+        click.echo(f"note: this version already existed (created by {old.created_by} at "
+                   f"{old.created_at}{origin}, transform {old.transform}); it was not stored "
+                   "again, and the ledger entries above record this edit")
 
 
 def _jsonl_adds(path: str, source: str, text_field: str) -> list:
+    """One add per line of the JSONL file; errors name --add-jsonl, the line and the fix."""
+    import gzip
+
     from harmtrace.errors import InputDataError
-    from harmtrace.ingest import SourceSpec, read_source
+    from harmtrace.hashing import canonical_json
     from harmtrace.versions import RecordEdit
 
-    if not Path(path).is_file():
-        raise InputDataError(f"--add-jsonl {path}: no such file; give the path of a JSONL "
-                             "file with one object per line")
-    spec = SourceSpec(name=source, path=Path(path), format="jsonl", text_field=text_field)
-    return [RecordEdit.add(source, rec.text, rec.meta) for rec in read_source(spec)]
+    where = f"--add-jsonl {path}"
+    file = Path(path)
+    if not file.is_file():
+        raise InputDataError(f"{where}: no such file; give the path of a JSONL file with one "
+                             "object per line")
+    try:
+        data = file.read_bytes()
+        text = (gzip.decompress(data) if file.suffix == ".gz" else data).decode("utf-8")
+    except (OSError, EOFError, UnicodeDecodeError) as err:
+        raise InputDataError(f"{where}: cannot read it as UTF-8 JSONL ({err}); give a UTF-8 "
+                             "text file (gzip if it ends in .gz)") from err
+    first: dict[str, int] = {}  # text -> line it first appears on
+    adds = []
+    for line_no, line in enumerate(text.removeprefix("\ufeff").split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InputDataError(f"{where}, line {line_no}: not valid JSON ({err.msg}, column "
+                                 f"{err.colno}); each line must hold one JSON object") from err
+        if not isinstance(obj, dict):
+            raise InputDataError(f"{where}, line {line_no}: expected a JSON object, found a "
+                                 f"{type(obj).__name__}; write each record as {{\"text\": ...}}")
+        value = obj.get(text_field)
+        if not isinstance(value, str) or not value.strip():
+            found = ("is missing (fields: " + ", ".join(sorted(obj)) + ")"
+                     if text_field not in obj else "holds no text")
+            raise InputDataError(f"{where}, line {line_no}: field {text_field!r} {found}; "
+                                 "pass --text-field NAME for the field that holds the text, "
+                                 "or fix the line")
+        if value in first:
+            raise InputDataError(f"{where}, line {line_no}: the file repeats the text of line "
+                                 f"{first[value]}; remove line {line_no} (each added record "
+                                 "needs its own text)")
+        first[value] = line_no
+        meta = {k: v if isinstance(v, str) else canonical_json(v)
+                for k, v in obj.items() if k != text_field}
+        adds.append(RecordEdit.add(source, value, meta))
+    if not adds:
+        raise InputDataError(f"{where}: the add file has no records (it is empty or blank); "
+                             "give a JSONL file with one object per line, or drop --add-jsonl")
+    return adds
 
 
 @click.command(name="erase")
@@ -235,19 +354,27 @@ def data_erase(record_id: str, workspace: str, database_url: str | None, reason:
 @click.argument("version")
 @_ws
 @_db
-@click.option("--out", required=True, help="Folder for croissant.json and records.jsonl.")
+@click.option("--out", required=True,
+              help="Folder for croissant.json and records.jsonl: new, empty, or holding only "
+                   "an earlier export.")
 @click.option("--include-text", is_flag=True,
-              help="Export raw text instead of masked text (logged to the ledger).")
+              help="Export raw text instead of masked text; needs --reason and is logged to "
+                   "the ledger.")
+@click.option("--reason", default=None,
+              help="Why raw text is exported (required with --include-text).")
 @_actor
 def data_export(version: str, workspace: str, database_url: str | None, out: str,
-                include_text: bool, actor: str | None) -> None:
+                include_text: bool, reason: str | None, actor: str | None) -> None:
     """Write VERSION as a Croissant 1.0 dataset (JSON-LD with RAI fields) into --out."""
-    from harmtrace.versions import export_croissant
+    from harmtrace.versions import check_export_folder, export_croissant
 
+    reason = _disclosure_reason("--include-text", include_text, reason)
+    check_export_folder(out, "--out")
     db, root = _open(workspace, database_url)
     result = export_croissant(db, _version(db, version, "VERSION"), out,
-                              include_text=include_text, artifacts=root / "artifacts",
-                              actor=actor, ledger=_ledger(db, root))
+                              include_text=include_text, reason=reason,
+                              artifacts=root / "artifacts", actor=actor,
+                              ledger=_ledger(db, root))
     click.echo(f"croissant: {result.croissant} ({result.n_records} records in "
                f"{result.records.name}, ledger entry {result.ledger_seq})")
 
@@ -304,6 +431,7 @@ def models_show(model_id: str, workspace: str, database_url: str | None) -> None
 
 def add_version_commands(data: click.Group, cli: click.Group) -> None:
     """Attach the dataset-version commands to ``data`` and the ``models`` group to ``cli``."""
-    for command in (data_versions, data_prove, data_diff, data_edit, data_erase, data_export):
+    for command in (data_versions, data_records, data_prove, data_diff, data_edit, data_erase,
+                    data_export):
         data.add_command(command)
     cli.add_command(models)

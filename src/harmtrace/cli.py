@@ -196,14 +196,18 @@ def _write_json(data: dict, out: str | None) -> None:
 @_ledger_key
 @click.option("--bundle", default=None, type=click.Path(dir_okay=False),
               help="Verify an exported bundle offline instead of the workspace.")
+@click.option("--head", "head_file", default=None, type=click.Path(dir_okay=False),
+              help="With --bundle: a head file kept elsewhere (ledger-head.json) that the "
+                   "bundle must reach, so a bundle cut short fails.")
 def ledger_verify(workspace: str, database_url: str | None, public_key: str | None,
-                  bundle: str | None) -> None:
+                  bundle: str | None, head_file: str | None) -> None:
     """Check every entry, the Merkle tree, the signed heads and the data; exit 1 on any
     change, naming the first bad entry."""
     if bundle:
         from harmtrace.ledger import PublicKey, verify_bundle
 
-        report = verify_bundle(bundle, PublicKey.load(public_key) if public_key else None)
+        report = verify_bundle(bundle, PublicKey.load(public_key) if public_key else None,
+                               trusted_head=_load_head(head_file) if head_file else None)
     else:
         opened = _open_ledger(workspace, database_url, public_key)
         if opened.public_key is None:
@@ -216,8 +220,22 @@ def ledger_verify(workspace: str, database_url: str | None, public_key: str | No
     if report.ok:
         click.echo(f"ledger ok: {report.reason}")
         return
-    click.echo(f"ledger FAILED at entry {report.first_bad_seq}: {report.reason}")
+    where = f" at entry {report.first_bad_seq}" if report.first_bad_seq is not None else ""
+    click.echo(f"ledger FAILED{where}: {report.reason}")
     sys.exit(1)
+
+
+def _load_head(path: str):
+    import json
+
+    from harmtrace.errors import InputDataError
+    from harmtrace.ledger import TreeHead
+
+    try:
+        return TreeHead.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise InputDataError(f"--head {path} is not a signed head file (ledger-head.json): "
+                             f"{err}") from err
 
 
 @ledger.command(name="show")
@@ -310,6 +328,24 @@ def data_fetch(dest: str | None) -> None:
     click.echo(f"datasets in {folder}; set HARMTRACE_DATA_DIR={folder} or run `harmtrace demo`")
 
 
+def _require_ingest(config: str, workspace: str | None) -> None:
+    """Refuse a workspace without a dataset version before the pipeline opens it (which
+    creates the folder, the database and the ledger keys), so the refusal creates nothing."""
+    from harmtrace.config import load_config
+    from harmtrace.errors import ArtifactError
+
+    settings = load_config(config)
+    root = Path(workspace or settings.workspace).resolve()
+    if settings.train.dataset_version:  # resolved in the database, which must exist
+        if settings.database_url or (root / "harmtrace.db").is_file():
+            return
+        raise ArtifactError(f"{root} holds no harmtrace workspace (no harmtrace.db); run "
+                            f"`harmtrace ingest {config}` first, or pass -w WORKSPACE")
+    if not (root / "artifacts" / "ingest" / "meta.json").is_file():
+        raise ArtifactError(f"artifact 'ingest' is missing from {root / 'artifacts'}; run "
+                            f"`harmtrace ingest {config}` first, or pass -w WORKSPACE")
+
+
 @data.command(name="map")
 @_config_arg
 @_ws_opt
@@ -332,6 +368,7 @@ def data_map(config: str, workspace: str | None, quiet: bool, force: bool, show_
                                "is recorded in the ledger with its reason")
     if reason and not show_text:
         raise click.UsageError("--reason is only used with --show-text")
+    _require_ingest(config, workspace)
     result = _pipeline(config, workspace, quiet, force).datamap(show_text=show_text,
                                                                  reason=reason)
     if as_json:

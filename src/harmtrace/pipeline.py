@@ -123,7 +123,11 @@ class Pipeline:
     def _version(self) -> str:
         """The dataset version trained on: ``train.dataset_version`` or ingest's."""
         if self.config.train.dataset_version:
-            return self.db.resolve_version(self.config.train.dataset_version)
+            try:
+                return self.db.resolve_version(self.config.train.dataset_version)
+            except ConfigError as err:
+                raise ConfigError(f"{self.config.source_file or 'config'}: "
+                                  f"train.dataset_version: {err}") from err
         return self._read("ingest", "ingest.json", "ingest")["version_id"]
 
     def _model_id(self) -> str:

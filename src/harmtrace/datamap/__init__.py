@@ -5,7 +5,9 @@ Signals (one long table ``record_id, source, signal, score, flag, detail``): ``l
 and ``cluster``; see :mod:`harmtrace.datamap.signals` and :mod:`harmtrace.datamap.clusters`.
 Everything the map stores or prints is an aggregate, a hash or record id, or an exemplar
 masked by :func:`harmtrace.report.redact.mask_text`; groups smaller than
-``datamap.min_group_size`` are suppressed.
+``datamap.min_group_size`` are suppressed, with the smallest others of their kind when
+needed so the totals minus the shown groups never single out fewer records
+(:func:`harmtrace.datamap._build.suppressed_groups`).
 """
 
 from harmtrace.datamap._build import (

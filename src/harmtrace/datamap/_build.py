@@ -25,12 +25,12 @@ from harmtrace.hashing import sha256_json
 from harmtrace.report.redact import mask_text
 
 __all__ = ["DATAMAP_FORMAT", "SIGNAL_COLUMNS", "Attribution", "DataMap", "DatamapResult",
-           "build_datamap"]
+           "build_datamap", "suppressed_groups"]
 
 log = get_logger(__name__)
 
 #: Layout version of the datamap artifact; part of its identity, so a new layout recomputes.
-DATAMAP_FORMAT = 1
+DATAMAP_FORMAT = 2
 #: Columns of the long signal table, one row per (record, signal).
 SIGNAL_COLUMNS = ("record_id", "source", "signal", "score", "flag", "detail")
 #: Exemplars per cluster and the characters kept of each (after masking).
@@ -112,7 +112,13 @@ def build_datamap(records: Sequence[MapRecord], settings: DatamapSettings, *,
                 "embedding_reason": clusters.reason, "pii_recognizers": pii_note,
                 "skipped": skipped, "toxicity_threshold": threshold if scorer else None,
                 "min_group_size": settings.min_group_size,
-                "cluster_flag": "never set: the cluster signal only records membership"}
+                "cluster_flag": "never set: the cluster signal only records membership",
+                "n_clusters": len(clusters.names)}
+    if len(clusters.names) < settings.n_clusters:
+        metadata["n_clusters_note"] = (
+            f"datamap.n_clusters = {settings.n_clusters} but there are only {len(texts)} "
+            f"records: {len(clusters.names)} clusters were made")
+        log.info("data map: %s", metadata["n_clusters_note"])
     summary = _summary(signals, metadata, labels)
     aggregates, shown = _aggregates(records, signals, clusters, settings, labels, attribution)
     step("data map", 6, 6)
@@ -200,12 +206,14 @@ def _aggregates(records: Sequence[MapRecord], signals: list[Signal], clusters: C
     out: dict[str, Any] = {}
     shown: list[str] = []
     for kind, key in keys.items():
-        groups, n_suppressed = [], 0
-        for value in sorted(set(key)):
-            index = np.flatnonzero(np.asarray(key, dtype=object) == value)
-            if len(index) < settings.min_group_size:
-                n_suppressed += 1  # its name, counts and exemplars are all left out
-                continue
+        groups = []
+        members = {value: np.flatnonzero(np.asarray(key, dtype=object) == value)
+                   for value in sorted(set(key))}
+        primary, hidden = suppressed_groups({v: len(i) for v, i in members.items()},
+                                            settings.min_group_size)
+        for value, index in members.items():
+            if value in hidden:
+                continue  # its name, counts and exemplars are all left out
             row = _group_row(index, signals, label_arr, attr)
             if kind == "cluster":
                 exemplars = _exemplars(index, records, clusters.distance)
@@ -217,12 +225,32 @@ def _aggregates(records: Sequence[MapRecord], signals: list[Signal], clusters: C
             groups.append(row)
         groups.sort(key=lambda g: -g["n_records"])
         out[kind] = {"groups": groups, "suppressed": {
-            "n_groups": n_suppressed,
+            "n_groups": len(hidden), "n_primary": len(primary),
+            "n_secondary": len(hidden) - len(primary),
+            "n_records": int(sum(len(members[v]) for v in hidden)),
+            "secondary": len(hidden) > len(primary),
             "label": f"suppressed (n < {settings.min_group_size})"}}
     if attribution is not None:
         out["attribution"] = {"k": attribution.k, "methods": sorted(attr["top"]),
                               "normalisation": "z-score of each method's mean record scores"}
     return out, tuple(shown)
+
+
+def suppressed_groups(sizes: dict[Any, int], min_group_size: int) -> tuple[set, set]:
+    """The groups to leave out of a table of groups of one kind: ``(primary, all)``.
+
+    Primary: every group with fewer than ``min_group_size`` records. Since the totals are
+    shown too, the suppressed groups together must also hold at least ``min_group_size``
+    records, or subtracting the visible rows from the totals would reveal them; so while they
+    hold fewer, the smallest visible group (ties by name) is suppressed as well (secondary,
+    or complementary, suppression), until they do or every group is suppressed.
+    """
+    primary = {v for v, n in sizes.items() if n < min_group_size}
+    hidden = set(primary)
+    visible = sorted((v for v in sizes if v not in hidden), key=lambda v: (sizes[v], str(v)))
+    while hidden and visible and sum(sizes[v] for v in hidden) < min_group_size:
+        hidden.add(visible.pop(0))
+    return primary, hidden
 
 
 def _group_row(index: np.ndarray, signals: list[Signal], labels: np.ndarray | None,

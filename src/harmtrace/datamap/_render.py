@@ -82,6 +82,17 @@ def _group_table(kind: str, block: Mapping[str, Any], labelled: bool) -> Table:
     return table
 
 
+def _suppressed_line(kind: str, hidden: Mapping[str, Any], min_group_size: int | None) -> str:
+    line = f"{hidden['n_groups']} {kind} group(s) {hidden['label']}"
+    if hidden.get("secondary"):
+        line = (f"{hidden['n_groups']} {kind} group(s) suppressed: {hidden['n_primary']} "
+                f"{hidden['label'].removeprefix('suppressed ')}, and secondary suppression of "
+                f"{hidden['n_secondary']} more (the smallest others) so that the hidden "
+                f"records ({hidden['n_records']}) cannot be found by subtracting the shown "
+                f"groups from the totals (at least {min_group_size}, or every group hidden)")
+    return line
+
+
 def render_datamap(summary: Mapping[str, Any], aggregates: Mapping[str, Any],
                    console: Console, *, disclosed: Mapping[str, str] | None = None) -> None:
     """Print ``summary`` and ``aggregates`` (as written by the datamap stage) to ``console``;
@@ -92,6 +103,8 @@ def render_datamap(summary: Mapping[str, Any], aggregates: Mapping[str, Any],
     console.print(f"[bold]data map[/] of {meta['n_records']} records; embedding "
                   f"{meta['embedding']} ({escape(meta['embedding_reason'])}); PII recognizers: "
                   f"{escape(meta['pii_recognizers'])}", highlight=False)
+    if meta.get("n_clusters_note"):
+        console.print(f"note: {escape(meta['n_clusters_note'])}", highlight=False)
     for signal, reason in meta["skipped"].items():
         console.print(f"skipped {signal}: {escape(reason)}", highlight=False)
     console.print(_signals_table(summary))
@@ -106,7 +119,7 @@ def render_datamap(summary: Mapping[str, Any], aggregates: Mapping[str, Any],
     for kind in ("cluster", "source", "domain"):
         hidden = aggregates[kind]["suppressed"]
         if hidden["n_groups"]:
-            console.print(f"{hidden['n_groups']} {kind} group(s) {hidden['label']}",
+            console.print(_suppressed_line(kind, hidden, meta.get("min_group_size")),
                           highlight=False)
     if disclosed:
         console.print("[bold]raw text[/] (disclosure recorded in the ledger):")

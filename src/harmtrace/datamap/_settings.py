@@ -8,7 +8,16 @@ from enum import StrEnum
 
 from harmtrace.errors import ConfigError
 
-__all__ = ["DatamapSettings", "Embedding"]
+__all__ = ["LANGUAGE_CODES", "DatamapSettings", "Embedding"]
+
+#: The language codes py3langid's model gives (checked against the model by the tests; kept
+#: here so validating a config does not load the model).
+LANGUAGE_CODES = frozenset("""
+ace af am an ar ary arz as az ba bcl be bg bn br bs ca crh cs cy da de dz el en eo es et eu ext
+fa fi fo fr fuv fy ga gcf gcr gd gl gom grc gu gug guw ha hbo he hi hr ht hu hy id ig is it ja
+jv ka kab kik kk km kn ko ku ky la lb lg lij ln lo lt ltg lv mg mk ml mn mr ms mt my ne nl nn
+no nso oc om or pa pcm pl ps pt qu ro ru rw sa sdh se si sk sl sn so sq sr st sv sw ta te tg th
+tk tl tr tt ug uk ur uz uzs vec vi vo wa wuu xh yo yue zh zu zxx""".split())
 
 
 class Embedding(StrEnum):
@@ -35,13 +44,17 @@ class DatamapSettings:
     shingle_size:
         >= 1 (default 3) words per shingle.
     n_clusters:
-        >= 1 (default 8) KMeans clusters (fewer when there are fewer records).
+        >= 1 (default 8) KMeans clusters; with fewer records, one per record, and the map's
+        metadata says so (``n_clusters_note``).
     min_group_size:
-        >= 1 (default 10): a source, domain or cluster with fewer records is suppressed.
+        >= 1 (default 10): a source, domain or cluster with fewer records is suppressed,
+        and so are the smallest other groups of its kind until the suppressed groups hold at
+        least this many records (secondary suppression).
     embedding:
         :class:`Embedding`, default ``auto``.
     languages:
-        Expected language codes (ISO 639-1, as py3langid gives them), default ``("en",)``.
+        Expected language codes (ISO 639-1, as py3langid gives them; one of
+        :data:`LANGUAGE_CODES`), default ``("en",)``.
     min_chars, max_chars:
         Length bounds in characters (default 1 and 5000); records outside are flagged.
     perplexity_quantile:
@@ -87,6 +100,11 @@ class DatamapSettings:
         if not languages or not all(isinstance(x, str) and x for x in languages):
             raise ConfigError(f"datamap.languages must be a non-empty list of language codes "
                               f"such as ['en'], got {self.languages!r}")
+        unknown = [x for x in languages if x not in LANGUAGE_CODES]
+        if unknown:
+            raise ConfigError(f"datamap.languages: {unknown[0]!r} is not a language code "
+                              f"py3langid gives; use ISO 639-1 codes such as [\"en\"] "
+                              f"(or [\"en\", \"de\"]), got {list(languages)!r}")
         object.__setattr__(self, "languages", languages)
         object.__setattr__(self, "domains", _domains(self.domains))
 

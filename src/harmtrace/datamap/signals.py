@@ -145,23 +145,21 @@ def near_duplicates(texts: Sequence[str], *, threshold: float, num_perm: int, sh
 
 
 def _components(n: int, pairs: list[tuple[int, int, float]]) -> np.ndarray:
-    """Connected components of the pair graph, numbered 0.. in order of first record; -1 for
-    records in no pair."""
-    parent = list(range(n))
+    """Connected components of the pair graph (scipy), numbered 0.. in order of first
+    record; -1 for records in no pair."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]  # path halving keeps the trees flat
-            i = parent[i]
-        return i
-
-    for i, j, _ in pairs:
-        parent[root(i)] = root(j)
-    in_pair = {i for i, _, _ in pairs} | {j for _, j, _ in pairs}
-    numbers: dict[int, int] = {}
     component = np.full(n, -1, dtype=np.int64)
-    for i in sorted(in_pair):
-        component[i] = numbers.setdefault(root(i), len(numbers))
+    if not pairs:
+        return component
+    rows = np.array([i for i, _, _ in pairs])
+    cols = np.array([j for _, j, _ in pairs])
+    graph = coo_matrix((np.ones(len(pairs)), (rows, cols)), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    numbers: dict[int, int] = {}
+    for i in sorted(set(rows.tolist()) | set(cols.tolist())):
+        component[i] = numbers.setdefault(int(labels[i]), len(numbers))
     return component
 
 

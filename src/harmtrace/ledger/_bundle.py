@@ -95,9 +95,17 @@ def load_bundle(path: str | Path) -> dict[str, Any]:
     return bundle
 
 
-def verify_bundle(path: str | Path, public_key: PublicKey | None = None) -> VerifyReport:
+def verify_bundle(
+    path: str | Path, public_key: PublicKey | None = None, *,
+    trusted_head: TreeHead | None = None,
+) -> VerifyReport:
     """Verify a bundle offline. Without ``public_key`` the bundle's own key is used, which
-    proves integrity but not authorship: pin the key from a copy you trust."""
+    proves integrity but not authorship: pin the key from a copy you trust.
+
+    A bundle cut short (its newest entries and heads dropped) is still a valid, shorter
+    log; pass ``trusted_head`` (a head file kept elsewhere) to require that the bundle
+    reaches it.
+    """
     bundle = load_bundle(path)
     key = public_key
     own_key = key is None and bool(bundle.get("public_key"))
@@ -111,7 +119,8 @@ def verify_bundle(path: str | Path, public_key: PublicKey | None = None) -> Veri
             f"ledger bundle {path}: an entry or head lacks a field or has a wrong type ({err})"
         ) from err
     versions = bundle["versions"]
-    report = verify_log(rows, heads, key=key,
+    report = verify_log(rows, heads, key=key, outside_head=trusted_head,
+                        outside_where="the trusted head",
                         check_version=lambda v: _bundle_version_problem(versions, v))
     if report.ok and own_key:
         return VerifyReport(True, report.n_entries, None, report.reason + (
@@ -175,6 +184,11 @@ def _check_inclusion(
     if digest != entry.get("entry_hash"):
         return False, f"entry {entry.get('seq')}'s contents do not match its entry_hash"
     leaf = entry_leaf(digest)
+    stated = {"index": entry["seq"] - 1, "tree_size": head.size, "leaf_hash": leaf.hex()}
+    contradicted = [k for k, v in stated.items() if k in proof and proof[k] != v]
+    if contradicted:
+        return False, (f"the proof's {', '.join(contradicted)} contradict its entry and head "
+                       "(the file was edited)")
     ok = verify_inclusion(entry["seq"] - 1, head.size, leaf, path, bytes.fromhex(head.root))
     return ok, (f"entry {entry['seq']} is in the log of {head.size} entries"
                 if ok else f"the audit path does not lead from entry {entry['seq']} to the root")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+import unicodedata
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, insert, select, tuple_
+from sqlalchemy import Connection, and_, insert, or_, select
 from sqlalchemy.exc import IntegrityError
 
 from harmtrace._logging import get_logger
@@ -100,6 +101,13 @@ class Ledger:
         key_path = Path(os.environ.get(KEY_ENV) or root / "keys" / "ledger-ed25519.pem")
         head_path = root / "ledger-head.json"
         if not read_only:
+            if not key_path.exists() and (key_path.with_suffix(".pub").exists()
+                                          or head_path.exists()):
+                raise LedgerError(
+                    f"the ledger's private key {key_path} is missing although the ledger was "
+                    f"signed with it; restore it from a backup or set {KEY_ENV} to its path "
+                    "(a new key would not match the signed heads)"
+                )
             key = LedgerKey.load_or_create(key_path)
             return cls(db, key=key, head_path=head_path, public_key=public_key)
         pub = key_path.with_suffix(".pub")
@@ -119,9 +127,12 @@ class Ledger:
         actor: str | None = None,
     ) -> LedgerEntry:
         """Append one entry and return it; values must be JSON-serialisable mappings."""
+        actor = actor or current_user()
+        _check_printable(actor, "actor")
+        _check_printable(stage, "stage")
         contents = {
             "time": utc_now(),
-            "actor": actor or current_user(),
+            "actor": actor,
             "stage": stage,
             "settings": normalise(settings),
             "inputs": normalise(inputs),
@@ -144,6 +155,8 @@ class Ledger:
     def _append_once(self, contents: dict[str, Any]) -> LedgerEntry:
         with self.db.transaction(lock=t.ledger.name) as conn:
             head = _head_row(conn)
+            if head is not None:
+                self._check_signer(_tree_head(conn, None))
             seq, prev = (head["seq"] + 1, head["entry_hash"]) if head else (1, GENESIS_HASH)
             digest = entry_hash(seq=seq, prev_hash=prev, **contents)
             entry = LedgerEntry(seq=seq, prev_hash=prev, entry_hash=digest, **contents)
@@ -161,6 +174,20 @@ class Ledger:
             conn.execute(insert(t.ledger_heads), [tree_head.as_dict()])
             self.db.after_commit(lambda: self._write_head_file(tree_head))
         return entry
+
+    def _check_signer(self, newest: TreeHead) -> None:
+        """Refuse to extend a log whose newest head another key (or no key) signed."""
+        mine = self.key.public.key_id if self.key else ""
+        if newest.key_id == mine:
+            return
+        signed_by = f"key {newest.key_id}" if newest.key_id else "no key"
+        using = f"key {mine}" if mine else "no key"
+        where = f" ({self.key.path})" if self.key and self.key.path else ""
+        raise LedgerError(
+            f"the ledger's newest head is signed by {signed_by} but this append uses {using}"
+            f"{where}; restore the ledger's key file (or point {KEY_ENV} at it) instead of "
+            "making a new one"
+        )
 
     def _sign(self, size: int, root: str, time: str) -> TreeHead:
         if self.key is None:
@@ -269,6 +296,7 @@ class Ledger:
             rows, heads, key=self.public_key, nodes=nodes, outside_head=outside,
             outside_where=f"head file {self.head_path}",
             check_version=_DatabaseVersions(self.db).check if check_data else None,
+            extra=_lineage_problems(self.db, rows) if check_data else (),
         )
 
 
@@ -333,6 +361,63 @@ class _DatabaseVersions:
         return None
 
 
+def _lineage_problems(db: Database, rows: Sequence[Mapping[str, Any]]) -> list[tuple[int, str]]:
+    """Records whose key, supersedes link or erasure no ledger entry accounts for.
+
+    A record's ``key`` is its own id and ``supersedes`` is empty unless a ``record-add`` or
+    ``record-edit`` entry names other values; its text is gone (and ``erased_at`` set)
+    exactly when a ``record-erase`` entry erased it. A problem is blamed on the entry that
+    vouches for the record, else on the first entry naming a version that holds it.
+    """
+    vouched: dict[str, tuple[int, Any, Any]] = {}
+    erased_by: dict[str, int] = {}
+    version_seq: dict[str, int] = {}
+    for row in rows:
+        try:
+            inputs, outputs = json.loads(row["inputs_json"]), json.loads(row["outputs_json"])
+        except (TypeError, ValueError):
+            continue  # the chain check reports it
+        if not isinstance(inputs, dict) or not isinstance(outputs, dict):
+            continue
+        if row["stage"] in ("record-add", "record-edit") and "record_id" in outputs:
+            vouched[outputs["record_id"]] = (row["seq"], outputs.get("key"),
+                                             outputs.get("supersedes"))
+        elif row["stage"] == "record-erase" and "record_id" in inputs:
+            erased_by[inputs["record_id"]] = row["seq"]
+        if isinstance(outputs.get("version_id"), str):
+            version_seq.setdefault(outputs["version_id"], row["seq"])
+
+    rec, link = t.records.c, t.version_records.c
+    with db.transaction() as conn:
+        records = conn.execute(select(rec.record_id, rec.key, rec.supersedes,
+                                      rec.text.is_(None), rec.erased_at)).all()
+        first_seq: dict[str, int] = {}
+        for version_id, record_id in conn.execute(select(link.version_id, link.record_id)):
+            seq = version_seq.get(version_id)
+            if seq is not None and seq < first_seq.get(record_id, seq + 1):
+                first_seq[record_id] = seq
+
+    problems = []
+    for record_id, key, supersedes, no_text, erased_at in records:
+        seq, want_key, want_supersedes = vouched.get(
+            record_id, (first_seq.get(record_id), record_id, None))
+        if seq is None:
+            continue  # in no version any entry names: nothing vouches for it
+        if (key, supersedes) != (want_key, want_supersedes):
+            problems.append((seq, (
+                f"record {record_id} has key {key!r} and supersedes {supersedes!r}, but the "
+                f"ledger says {want_key!r} and {want_supersedes!r} (its lineage was changed)")))
+        if record_id in erased_by and not (no_text and erased_at is not None):
+            problems.append((erased_by[record_id], (
+                f"record {record_id} was erased by entry {erased_by[record_id]} but holds "
+                "text again, or lost its erasure mark")))
+        elif record_id not in erased_by and (no_text or erased_at is not None):
+            problems.append((first_seq.get(record_id, seq), (
+                f"record {record_id}'s text was removed or marked erased, but no record-erase "
+                "entry erased it")))
+    return problems
+
+
 # -- rows ------------------------------------------------------------------------------------
 
 
@@ -347,7 +432,9 @@ def _frontier(conn: Connection, size: int) -> list[tuple[int, bytes]]:
     if not wanted:
         return []
     col = t.ledger_nodes.c
-    query = select(col.height, col.idx, col.hash).where(tuple_(col.height, col.idx).in_(wanted))
+    # One equality pair per node: SQLite does not use the primary key for a row-value IN.
+    query = select(col.height, col.idx, col.hash).where(
+        or_(*(and_(col.height == h, col.idx == i) for h, i in wanted)))
     found = {(h, i): v for h, i, v in conn.execute(query)}
     missing = [w for w in wanted if w not in found]
     if missing:
@@ -356,6 +443,16 @@ def _frontier(conn: Connection, size: int) -> list[tuple[int, bytes]]:
             "run `harmtrace ledger verify` to find what was removed"
         )
     return [(h, bytes.fromhex(found[(h, i)])) for h, i in wanted]
+
+
+def _check_printable(value: str, name: str) -> None:
+    if not isinstance(value, str) or not value or any(
+        unicodedata.category(ch) == "Cc" for ch in value
+    ):
+        raise LedgerError(
+            f"ledger {name} {value!r} is empty or holds control characters (newlines, tabs); "
+            f"give a plain one-line {name}"
+        )
 
 
 def _rows(conn: Connection) -> list[dict[str, Any]]:

@@ -11,7 +11,11 @@
 4. the head kept outside the database: signed, no larger than the log (else entries were
    removed) and consistent with it;
 5. the data: every dataset version an entry names still has the Merkle root it had, over
-   stored record hashes, and every stored text still hashes to its record hash.
+   stored record hashes, and every stored text still hashes to its record hash;
+6. (database only, passed in as ``extra``) record lineage: a record's ``key`` and
+   ``supersedes`` are its own id and nothing unless a ``record-add``/``record-edit`` entry
+   says otherwise, and a record's text is gone exactly when a ``record-erase`` entry erased
+   it.
 """
 
 from __future__ import annotations
@@ -53,12 +57,14 @@ def verify_log(
     outside_head: TreeHead | None = None,
     outside_where: str = "the head file",
     check_version: VersionCheck | None = None,
+    extra: Sequence[tuple[int, str]] = (),
 ) -> VerifyReport:
     """Verify ledger ``rows`` (ordered by seq) with their ``heads``; see the module docstring.
 
     ``key`` is the trusted public key (``None`` checks structure only and says so);
     ``nodes`` the stored Merkle nodes by ``(height, index)``; ``outside_head`` the head
-    kept outside the database; ``check_version`` checks one dataset version's records.
+    kept outside the database; ``check_version`` checks one dataset version's records;
+    ``extra`` adds ``(seq, reason)`` problems found by the caller's own checks.
     """
     findings = _Findings([])
     chain = verify_chain(rows)
@@ -74,6 +80,9 @@ def verify_log(
     if check_version is not None:
         _check_versions(rows, check_version, findings)
 
+    for seq, reason in extra:
+        findings.add(seq, reason)
+
     n = len(rows)
     if findings.problems:
         seq, reason = min(findings.problems, key=lambda p: p[0])
@@ -81,7 +90,10 @@ def verify_log(
         suffix = f" ({more} more problem{'s' * (more != 1)} found after it)" if more else ""
         return VerifyReport(False, n, seq, reason + suffix)
     signed = f"signed heads checked with key {key.key_id}" if key else "signatures NOT checked"
-    outside = f"; {outside_where} matches" if outside_head is not None else ""
+    outside = ""
+    if outside_head is not None:
+        lag = "" if outside_head.size == n else f", {n - outside_head.size} entries behind"
+        outside = f"; {outside_where} is consistent (size {outside_head.size}{lag})"
     return VerifyReport(True, n, None, f"{n} entries verify; {signed}{outside}")
 
 
@@ -140,6 +152,13 @@ def _check_heads(
                 f"the signed root for size {head.size} differs from the entries' root: an "
                 f"entry up to {head.size} was changed"
             ))
+    present = {h.size for h in heads}
+    missing = next((size for size in range(1, n + 1) if size not in present), None)
+    if missing is not None:
+        findings.add(missing, (
+            f"the signed head for size {missing} is missing: every append writes one, so "
+            "heads were deleted (or entries written outside harmtrace's append)"
+        ))
     covered = max((h.size for h in heads if h.size <= n), default=0)
     if covered < n:
         findings.add(covered + 1, (

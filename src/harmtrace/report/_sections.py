@@ -250,7 +250,7 @@ def _comparisons_table(comparisons: Mapping[str, Any]) -> Table:
             pct(cmp.get("utility_change")), test,
         ))
     headers = ("method whose top-k was removed", "effect vs random-k", "p-value",
-               "exact permutation p", "verdict", "perplexity change vs random-k", "test")
+               "permutation p", "verdict", "perplexity change vs random-k", "test")
     return Table("Targeted removal against matched random removal", headers, tuple(rows))
 
 

@@ -7,7 +7,7 @@ kind       what it finds                                               tag
 =========  ==========================================================  ==========
 ``url``    ``scheme://...``, ``www....``, short links like ``t.co/x``    ``[url]``
 ``email``  ``local@domain.tld``                                        ``[email]``
-``ip``     dotted IPv4 addresses                                       ``[ip]``
+``ip``     dotted IPv4 and IPv6 addresses (checked by ``ipaddress``)     ``[ip]``
 ``user``   handles, ``@name`` (also inside ``RT @name:``)               ``@[user]``
 ``card``   13 to 19 digits, optional spaces/dashes, valid Luhn checksum  ``[card]``
 ``phone``  9 to 15 digits in phone-like groups, optional ``+``/``()``  ``[phone]``
@@ -22,12 +22,15 @@ then the earlier kind in the table. So ``jane.doe@example.org`` is one e-mail ad
 handle ``@example``, and a URL whose query string holds an ``@`` stays one URL.
 
 Limitations: spelled-out addresses (``jane at example dot org``), bare domains without a path
-(``example.org``) and phone numbers with fewer than 9 digits are not masked.
+(``example.org``) and phone numbers with fewer than 9 digits (a local ``555-0199``) are not
+masked. IPv6 addresses count only when they hold a digit (``cafe::bad`` stays). Hashtags
+(``#Yankees``) are topics, not personal details, and stay.
 """
 
 from __future__ import annotations
 
 import html
+import ipaddress
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -72,6 +75,9 @@ class Span:
 _URL_BODY = r"[^\s<>\"'`]*[^\s<>\"'`.,;:!?)\]}]"
 _SHORT_TLDS = "com|org|net|edu|gov|io|co|ly|me|gl|gd|it|uk|de|fr|to|tv|us|info|biz|be|link|app"
 _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+# An IPv6 candidate: hex digits, colons and dots with at least two colons, standing alone;
+# :func:`_accept` keeps only what :class:`ipaddress.IPv6Address` parses.
+_IPV6 = r"(?<![\w:.])(?=[0-9a-f.]*:[0-9a-f.]*:)[0-9a-f:.]*(?:[0-9a-f]|::)(?!\w|:[\w:])"
 
 _PATTERNS: dict[PiiKind, re.Pattern[str]] = {
     PiiKind.URL: re.compile(
@@ -80,7 +86,8 @@ _PATTERNS: dict[PiiKind, re.Pattern[str]] = {
         re.IGNORECASE,
     ),
     PiiKind.EMAIL: re.compile(r"[\w.%+-]+@[\w-]+(?:\.[\w-]+)*\.[a-z]{2,}", re.IGNORECASE),
-    PiiKind.IP: re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?!\w|\.[0-9])"),
+    PiiKind.IP: re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?!\w|\.[0-9])|{_IPV6}",
+                           re.IGNORECASE),
     PiiKind.USER: re.compile(r"@\w+(?:\.\w+)*"),
     PiiKind.CARD: re.compile(r"(?<![\w+])[0-9](?:[ -]?[0-9]){12,18}(?!\w)"),
     PiiKind.PHONE: re.compile(
@@ -118,8 +125,14 @@ def _luhn_ok(digits: str) -> bool:
 
 
 def _accept(kind: PiiKind, found: str) -> bool:
-    """Whether a regex match really is of ``kind``; filters phone-shaped non-phones and
-    card-shaped numbers that fail the Luhn check."""
+    """Whether a regex match really is of ``kind``; filters phone-shaped non-phones,
+    card-shaped numbers that fail the Luhn check and colon runs that are no IPv6 address."""
+    if kind is PiiKind.IP and ":" in found:
+        try:
+            ipaddress.IPv6Address(found)
+        except ValueError:
+            return False
+        return any(char.isdigit() for char in found)
     if kind is PiiKind.CARD:
         digits = "".join(char for char in found if char.isdigit())
         return 13 <= len(digits) <= 19 and _luhn_ok(digits)

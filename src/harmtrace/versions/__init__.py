@@ -15,7 +15,12 @@ from harmtrace.versions._edit import (
     edit_version,
     erase_record,
 )
-from harmtrace.versions._export import ExportResult, export_croissant, known_harm_findings
+from harmtrace.versions._export import (
+    ExportResult,
+    check_export_folder,
+    export_croissant,
+    known_harm_findings,
+)
 
 __all__ = [
     "EditKind",
@@ -25,6 +30,7 @@ __all__ = [
     "RecordEdit",
     "SourceDiff",
     "VersionDiff",
+    "check_export_folder",
     "diff_excerpts",
     "diff_versions",
     "edit_version",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from harmtrace.errors import ConfigError
 from harmtrace.ledger import Ledger
 from harmtrace.store import Database, RecordRef, current_user
 
@@ -88,22 +89,27 @@ def diff_excerpts(
     db: Database,
     diff: VersionDiff,
     *,
+    reason: str,
     max_chars: int = EXCERPT_CHARS,
     actor: str | None = None,
     ledger: Ledger | None = None,
 ) -> dict[str, str]:
     """Masked excerpts (``mask_text``, at most ``max_chars``) of every record the diff names.
 
-    Showing text is a disclosure: a ``disclosure`` ledger entry records who asked, which
-    versions and which record ids, before the excerpts are returned. Erased records read
-    ``[erased]``.
+    Showing text is a disclosure, so ``reason`` (why) is required: a ``disclosure`` ledger
+    entry records who asked, why, which versions and which record ids, before the excerpts
+    are returned. Erased records read ``[erased]``.
     """
     from harmtrace.report.redact import mask_text
 
+    if not isinstance(reason, str) or not reason.strip():
+        raise ConfigError("diff_excerpts needs a reason (the CLI's --reason TEXT): every "
+                          "disclosure of text is recorded in the ledger with its reason")
     ids = list(dict.fromkeys(diff.record_ids()))
     (ledger or Ledger(db)).append(
         stage="disclosure", actor=actor or current_user(),
-        settings={"what": "masked excerpts", "max_chars": max_chars, "via": "data diff"},
+        settings={"what": "masked excerpts", "max_chars": max_chars, "via": "data diff",
+                  "reason": reason},
         inputs={"a": diff.a, "b": diff.b},
         outputs={"record_ids": ids, "n_records": len(ids)},
     )

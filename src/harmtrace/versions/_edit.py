@@ -17,7 +17,14 @@ from typing import Any
 from harmtrace._logging import get_logger
 from harmtrace.errors import ConfigError, InputDataError
 from harmtrace.ledger import Ledger
-from harmtrace.store import Database, Record, RecordRef, current_user
+from harmtrace.store import (
+    Database,
+    Record,
+    RecordRef,
+    VersionInfo,
+    current_user,
+    version_fingerprint,
+)
 
 __all__ = [
     "EditKind",
@@ -70,13 +77,20 @@ class RecordEdit:
 
 @dataclass(frozen=True)
 class EditResult:
-    """The child version an edit made, its size, and the ledger entries it appended."""
+    """The child version an edit made, its size, and the ledger entries it appended.
+
+    ``existing`` is the stored version when the child was already there (an earlier edit,
+    or another path, made the same set of records): it is not stored again and keeps its
+    first parent, transform and author, but this edit's ledger entries are still appended.
+    ``None`` when this edit created the version.
+    """
 
     version_id: str
     parent: str
     n_records: int
     changes: tuple[Mapping[str, Any], ...]
     ledger_seqs: tuple[int, ...]
+    existing: VersionInfo | None = None
 
 
 @dataclass(frozen=True)
@@ -102,9 +116,15 @@ def edit_version(
 
     Everything is checked before anything is written: ``parent`` must exist, each replaced
     or deleted record must be in it (and named once), each added record's source must be
-    registered, and the child must not hold two records with one key. Then the new records,
-    the child version (transform ``"edit"``, args: the edits as ids and hashes plus the
-    reason) and the ledger entries are written in one transaction.
+    registered, the child must not hold two records with one key, and it must differ from
+    the parent (an edit that changes nothing is refused). Then the new records, the child
+    version (transform ``"edit"``, args: the edits as ids and hashes plus the reason) and
+    the ledger entries are written in one transaction.
+
+    If the child already exists (the same edit was made before, or another path led to the
+    same records), it is not stored again; the ledger entries are appended all the same, the
+    ``dataset-version`` entry with ``existed: true``, and :attr:`EditResult.existing` holds
+    the stored version (who made it, when, from which parent).
 
     Returns the child's id (its Merkle root) and the ledger seqs appended.
     """
@@ -117,6 +137,8 @@ def edit_version(
 
     ledger = ledger or Ledger(db)
     with db.transaction(lock=LEDGER_LOCK):
+        existing = (db.get_version(plan.version_id) if db.version_exists(plan.version_id)
+                    else None)
         db.add_records([rec for rec in plan.new_records if rec.record_id not in plan.stored])
         version_id = db.create_version(plan.member_ids, transform="edit", parent=parent,
                                        args={"reason": reason, "edits": plan.changes},
@@ -133,12 +155,16 @@ def edit_version(
             settings={"transform": "edit", "reason": reason},
             inputs={"parent": parent},
             outputs={"version_id": version_id, "merkle_root": version_id, "parent": parent,
-                     "transform": "edit", "n_records": len(plan.member_ids)},
+                     "transform": "edit", "n_records": len(plan.member_ids),
+                     **({"existed": True, "existing_parent": existing.parent,
+                         "existing_created_by": existing.created_by,
+                         "existing_created_at": existing.created_at} if existing else {})},
         ).seq)
-    log.info("edit: %d record edits on %s -> version %s (%d records)", len(plan.changes),
-             parent[:12], version_id[:12], len(plan.member_ids))
+    log.info("edit: %d record edits on %s -> version %s (%d records%s)", len(plan.changes),
+             parent[:12], version_id[:12], len(plan.member_ids),
+             ", already stored" if existing else "")
     return EditResult(version_id, parent, len(plan.member_ids), tuple(plan.changes),
-                      tuple(seqs))
+                      tuple(seqs), existing)
 
 
 def erase_record(
@@ -179,6 +205,7 @@ def erase_record(
 
 @dataclass
 class _Plan:
+    version_id: str  # the child's Merkle root
     member_ids: list[str]
     new_records: list[Record]
     stored: set[str]
@@ -188,6 +215,7 @@ class _Plan:
 def _plan(db: Database, parent: str, refs: dict[str, RecordRef],
           edits: Sequence[RecordEdit]) -> _Plan:
     _check_targets(parent, refs, edits)
+    _check_repeated_adds(edits)
     olds = {rec.record_id: rec for rec in db.get_records(
         [e.record_id for e in edits if e.kind is EditKind.EDIT])}
     new_records = _new_records(db, edits, olds)
@@ -197,14 +225,36 @@ def _plan(db: Database, parent: str, refs: dict[str, RecordRef],
 
     removed = {e.record_id for e in edits if e.kind is not EditKind.ADD}
     members = {rid: refs[rid].key for rid in refs if rid not in removed}
+    hashes = {rid: refs[rid].content_hash for rid in members}
     for rec, edit in zip(new_records, [e for e in edits if e.kind is not EditKind.DELETE],
                          strict=True):
         _check_new_member(rec, edit, members, olds)
         members[rec.record_id] = rec.key
+        hashes[rec.record_id] = rec.content_hash
     _check_unique_keys(members)
 
+    version_id = version_fingerprint(hashes.items())
+    if version_id == parent:
+        raise InputDataError(_no_change(parent))
     changes = [_change(e, refs, rec) for e, rec in _pair(edits, new_records)]
-    return _Plan(sorted(members), new_records, set(stored), changes)
+    return _Plan(version_id, sorted(members), new_records, set(stored), changes)
+
+
+def _no_change(parent: str) -> str:
+    return (f"no change: these edits give back exactly the records of version {parent[:12]}, "
+            "so the child would equal the parent; nothing was written. Leave out the edits "
+            "that undo each other")
+
+
+def _check_repeated_adds(edits: Sequence[RecordEdit]) -> None:
+    first: dict[tuple[str | None, str | None], int] = {}
+    for n, edit in enumerate((e for e in edits if e.kind is EditKind.ADD), start=1):
+        where = first.setdefault((edit.source, edit.text), n)
+        if where != n:
+            raise InputDataError(
+                f"added record {n} repeats the text of added record {where} (source "
+                f"{edit.source!r}); give each added text once"
+            )
 
 
 def _check_targets(parent: str, refs: dict[str, RecordRef],
@@ -216,8 +266,8 @@ def _check_targets(parent: str, refs: dict[str, RecordRef],
         if edit.record_id not in refs:
             raise InputDataError(
                 f"record {edit.record_id!r} ({edit.kind.value}) is not in dataset version "
-                f"{parent[:12]}; pick a record id of that version (`harmtrace data prove` "
-                "and `harmtrace data diff` show them)"
+                f"{parent[:12]}; pick a record id of that version (`harmtrace data records "
+                f"{parent[:12]}` lists them)"
             )
         if edit.record_id in seen:
             raise ConfigError(
@@ -257,6 +307,12 @@ def _new_records(db: Database, edits: Sequence[RecordEdit],
 
 def _check_new_member(rec: Record, edit: RecordEdit, members: dict[str, str],
                       olds: dict[str, Record]) -> None:
+    if edit.kind is EditKind.EDIT and rec.record_id == edit.record_id:
+        raise InputDataError(
+            f"no change: the new text for {_what(edit)} is the text it already has, so this "
+            "replace changes nothing (alone, the child would equal the parent); nothing was "
+            "written. Give a different text, or drop this replace"
+        )
     if rec.erased:
         raise InputDataError(
             f"the new text for {_what(edit)} is the text of record {rec.record_id!r}, which "

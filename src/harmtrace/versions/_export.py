@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from harmtrace import __version__
+from harmtrace.errors import ConfigError
 from harmtrace.hashing import canonical_json, sha256_file
 from harmtrace.ledger import Ledger
 from harmtrace.store import Database, Record, SourceInfo, VersionInfo, current_user, utc_now
 from harmtrace.workspace import atomic_write_text
 
-__all__ = ["CROISSANT_FILE", "RECORDS_FILE", "ExportResult", "export_croissant",
-           "known_harm_findings"]
+__all__ = ["CROISSANT_FILE", "RECORDS_FILE", "ExportResult", "check_export_folder",
+           "export_croissant", "known_harm_findings"]
 
 CROISSANT_FILE = "croissant.json"
 RECORDS_FILE = "records.jsonl"
@@ -101,22 +102,33 @@ def export_croissant(
     out_dir: str | Path,
     *,
     include_text: bool = False,
+    reason: str | None = None,
     artifacts: str | Path | None = None,
     actor: str | None = None,
     ledger: Ledger | None = None,
 ) -> ExportResult:
     """Write ``croissant.json`` and ``records.jsonl`` for ``version_id`` into ``out_dir``.
 
-    ``include_text`` exports raw text instead of masked text; it is logged to the ledger
-    as a ``disclosure`` entry. ``artifacts`` is the workspace's artifacts folder, read for
-    known-harm findings. An ``export`` ledger entry holds the output files' SHA-256.
+    ``out_dir`` must be a new or empty folder, or one holding only an earlier export's two
+    files (they are replaced); see :func:`check_export_folder`. ``include_text`` exports
+    raw text instead of masked text; it needs a ``reason`` and is logged to the ledger as a
+    ``disclosure`` entry (actor, reason, version, record ids). ``artifacts`` is the
+    workspace's artifacts folder, read for known-harm findings. An ``export`` ledger entry
+    holds the output files' SHA-256.
     """
+    if include_text and (not isinstance(reason, str) or not reason.strip()):
+        raise ConfigError("include_text=True needs a reason (the CLI's --reason TEXT): every "
+                          "disclosure of raw text is recorded in the ledger with its reason")
+    out = check_export_folder(out_dir)
     actor = actor or current_user()
     info = db.get_version(version_id)
     records = sorted(db.version_records(version_id, allow_erased=True),
                      key=lambda rec: rec.record_id)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"out_dir {out}: cannot make the folder ({err}); give a new or "
+                          "empty folder") from err
 
     records_path = out / RECORDS_FILE
     atomic_write_text(records_path, "".join(
@@ -134,14 +146,47 @@ def export_croissant(
     with db.transaction(lock=LEDGER_LOCK):
         if include_text:
             ledger.append(stage="disclosure", actor=actor,
-                          settings={"what": "raw text", "via": "data export"},
+                          settings={"what": "raw text", "via": "data export",
+                                    "reason": reason},
                           inputs={"version_id": version_id},
-                          outputs={"path": str(records_path), "n_records": len(records)})
+                          outputs={"path": str(records_path), "n_records": len(records),
+                                   "sha256": digests[RECORDS_FILE],
+                                   "record_ids": [rec.record_id for rec in records]})
         entry = ledger.append(stage="export", actor=actor,
                               settings={"format": "croissant-1.0", "include_text": include_text},
                               inputs={"version_id": version_id},
                               outputs={"files": digests, "n_records": len(records)})
     return ExportResult(croissant_path, records_path, digests, len(records), entry.seq)
+
+
+def check_export_folder(out_dir: str | Path, argument: str = "out_dir") -> Path:
+    """``out_dir`` as a Path if an export may be written there, else :class:`ConfigError`.
+
+    Allowed: a path that does not exist yet (it is made, with its parents), an empty folder,
+    or a folder holding only ``croissant.json`` and/or ``records.jsonl`` (an earlier export,
+    replaced). A file, or a folder with anything else in it, is refused: nothing is written.
+    ``argument`` names the option in the message (``--out`` for the CLI).
+    """
+    out = Path(out_dir)
+    fix = "give a new folder, or an empty one"
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{argument} {out_dir}: is a file, but it must be a folder; {fix} "
+                          f"(the export writes {CROISSANT_FILE} and {RECORDS_FILE} into it)")
+    if out.is_dir():
+        others = sorted(p.name for p in out.iterdir()
+                        if p.name not in (CROISSANT_FILE, RECORDS_FILE) or not p.is_file())
+        if others:
+            shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+            raise ConfigError(f"{argument} {out_dir}: the folder holds other files ({shown}); "
+                              f"{fix} (only an earlier export's {CROISSANT_FILE} and "
+                              f"{RECORDS_FILE} may be replaced)")
+    for parent in out.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{argument} {out_dir}: {parent} is a file, not a folder; "
+                                  f"{fix}")
+            break
+    return out
 
 
 def croissant_document(
