@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -217,6 +218,10 @@ def ledger_verify(workspace: str, database_url: str | None, public_key: str | No
                               "ledger-ed25519.pub is missing; pass --public-key FILE (the "
                               ".pub file kept when the key was made)")
         report = opened.verify()
+        if report.ok and not public_key:
+            report = dataclasses.replace(report, reason=report.reason + (
+                " (key read from the workspace's keys/ledger-ed25519.pub; pass --public-key "
+                "with a copy kept elsewhere to rule out a rewrite under a new key)"))
     if report.ok:
         click.echo(f"ledger ok: {report.reason}")
         return
@@ -244,7 +249,7 @@ def _load_head(path: str):
 def ledger_show(workspace: str, database_url: str | None) -> None:
     """List the ledger's entries."""
     for e in _open_ledger(workspace, database_url).entries():
-        click.echo(f"{e.seq:4d} {e.time} {e.actor:10s} {e.stage:12s} {e.entry_hash[:16]}")
+        click.echo(f"{e.seq:4d} {e.time} {e.actor:10s} {e.stage:18s} {e.entry_hash[:16]}")
 
 
 @ledger.command(name="prove")
