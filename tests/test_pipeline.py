@@ -167,3 +167,43 @@ def test_a_k_that_is_not_a_usable_count_is_a_config_error(finished_run, tmp_path
     with pytest.raises(ConfigError, match=message):
         pipeline, _ = _pipeline(finished_run, tmp_path, attribute={"k": k})
         pipeline.attribute()
+
+
+def test_verify_tests_named_sources_against_matched_controls_with_correction(
+    finished_run, tmp_path
+) -> None:
+    pipeline, _ = _pipeline(finished_run, tmp_path, verify={
+        "enabled": True, "seeds": [0, 1], "methods": ["bm25"],
+        "sources": ["tweets-mixed", "tweets-clean"]})
+
+    result = pipeline.verify()
+
+    names = set(result["conditions"])
+    assert {"top-bm25", "random", "source-tweets-mixed",
+            "source-tweets-mixed/random-records"} <= names
+    assert any(n.startswith("source-tweets-mixed/similar-source-") for n in names)
+    assert set(result["comparisons"]) == {"bm25"}  # source arms stay out of the method table
+    for source in ("tweets-mixed", "tweets-clean"):
+        found = result["sources"][source]
+        assert found["correction"] == "holm"
+        assert found["p_adjusted"] >= found["controls"]["random-records"]["p_value"]
+        # two seeds per arm: an exact permutation p cannot go below 1/6, so nothing is causal
+        assert found["controls"]["random-records"]["min_attainable_p"] == pytest.approx(1 / 6)
+        assert found["causal"] is False and "null result kept" in found["verdict"]
+    plan = pipeline.ledger.entries()[5]
+    assert plan.stage == "verify-plan" and plan.outputs["runs"] == 2 * len(names)
+    assert pipeline.ledger.verify().ok
+
+    report = Path(pipeline.report()).parent / "report.md"
+    markdown = report.read_text(encoding="utf-8")
+    assert "Removing whole sources against matched controls" in markdown
+    assert "not shown causal (null result kept)" in markdown
+
+
+def test_verify_sources_naming_an_unknown_source_is_refused(finished_run, tmp_path) -> None:
+    from harmtrace.errors import ConfigError
+
+    pipeline, _ = _pipeline(finished_run, tmp_path, verify={
+        "enabled": True, "seeds": [0, 1], "methods": ["bm25"], "sources": ["nope"]})
+    with pytest.raises(ConfigError, match="verify.sources.*'nope' has no records"):
+        pipeline.verify()

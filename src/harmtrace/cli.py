@@ -144,6 +144,37 @@ def demo(workspace: str, size: str, quiet: bool) -> None:
     click.echo(f"report: {report}")
 
 
+@cli.command()
+@_config_arg
+@_ws_opt
+@_quiet_opt
+@click.option("--baseline", required=True, help="The released model: id or unambiguous prefix.")
+@click.option("--candidate", required=True, help="The new model: id or unambiguous prefix.")
+@click.option("--policy", default=None, type=click.Path(dir_okay=False),
+              help="TOML file with a [monitor] table of thresholds (default: built in).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def monitor(config: str, workspace: str | None, quiet: bool, baseline: str, candidate: str,
+            policy: str | None, as_json: bool) -> None:
+    """Release gate: exit 1 if CANDIDATE is worse than BASELINE on harm rate or held-out
+    perplexity (or drift, if the policy says so), 0 if not."""
+    import json
+
+    from harmtrace.config import load_config
+    from harmtrace.remediate import load_policy, monitor_models, render_monitor
+
+    thresholds = load_policy(policy) if policy else None
+    result = monitor_models(load_config(config), baseline=baseline, candidate=candidate,
+                            workspace=workspace, policy=thresholds,
+                            reporter=ConsoleReporter(quiet))
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2))
+    else:
+        render_monitor(result, Console())
+    click.echo(result.summary, err=True)
+    if result.regression:
+        sys.exit(1)
+
+
 @cli.group()
 def ledger() -> None:
     """Inspect and verify the workspace's ledger."""

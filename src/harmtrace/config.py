@@ -199,18 +199,35 @@ def parse_methods(methods: str | Sequence[str]) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class VerifySettings:
-    """Removal experiments: the methods whose top-k is removed, seeds, and the test level."""
+    """Removal experiments: the methods whose top-k is removed, seeds, and the test level.
+
+    ``sources`` names sources whose removal is tested too, each against a random removal
+    of as many records from elsewhere and, when one exists within
+    ``source_size_tolerance`` (relative size difference), against removing the source
+    closest in size; p-values across the tested sources are corrected by ``correction``
+    (``"holm"`` or ``"bh"``).
+    """
 
     methods: tuple[str, ...] = ("gradcos", "bm25")
     seeds: tuple[int, ...] = (0, 1, 2)
     alpha: float = 0.05
     enabled: bool = True
+    sources: tuple[str, ...] = ()
+    source_size_tolerance: float = 0.5
+    correction: str = "holm"
 
     def __post_init__(self) -> None:
         if len(self.seeds) < 2:
             raise ConfigError("verify.seeds needs at least 2 seeds (3 or more recommended)")
         if not 0 < self.alpha < 1:
             raise ConfigError(f"verify.alpha must be in (0, 1), got {self.alpha}")
+        if self.correction not in ("holm", "bh"):
+            raise ConfigError(
+                f"verify.correction = {self.correction!r} is not allowed; use 'holm' or 'bh'")
+        if not self.source_size_tolerance > 0:
+            raise ConfigError("verify.source_size_tolerance must be above 0, e.g. 0.5")
+        if len(set(self.sources)) != len(self.sources):
+            raise ConfigError("verify.sources names a source more than once; give each once")
 
 
 @dataclass(frozen=True)

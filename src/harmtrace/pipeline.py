@@ -42,8 +42,9 @@ from harmtrace.models.tokenizer import load_tokenizer, train_tokenizer
 from harmtrace.progress import LogReporter, Reporter
 from harmtrace.report import write_report
 from harmtrace.store import AttributionRun, Checkpoint, Database, ModelInfo, current_user
+from harmtrace.verify.design import source_arms
 from harmtrace.verify.experiment import Condition, run_condition
-from harmtrace.verify.stats import compare_removals
+from harmtrace.verify.stats import adjust, compare, compare_removals
 from harmtrace.workspace import Workspace, atomic_write_json
 
 __all__ = ["Pipeline", "STAGES"]
@@ -505,9 +506,14 @@ class Pipeline:
             return self._read("verify", "verification.json", "verify")
         conditions = [Condition(f"top-{m}", tops[m], k) for m in settings.methods]
         conditions.append(Condition("random", None, k))
+        source_conditions, notes = self._source_conditions()
+        conditions += source_conditions
+        for note in notes:
+            self.reporter.note(f"source controls: {note}")
         self._append("verify-plan", _settings(settings), {"model_id": model_id},
                      {"conditions": [c.name for c in conditions], "k": k,
-                      "tops": sha256_json(tops)})
+                      "tops": sha256_json(tops), "source_controls": notes,
+                      "runs": len(conditions) * len(settings.seeds)})
         result = self._run_conditions(conditions, identity, k)
         with self.ws.writing("verify", identity) as out:
             atomic_write_json(out / "verification.json", result)
@@ -515,6 +521,20 @@ class Pipeline:
                      {m: {"effect": r["effect"], "p_value": r["p_value"]}
                       for m, r in result["comparisons"].items()})
         return result
+
+    def _source_conditions(self) -> tuple[list[Condition], list[str]]:
+        """Conditions removing each of ``verify.sources`` and their matched controls."""
+        settings = self.config.verify
+        if not settings.sources:
+            return [], []
+        _, records = self._records()
+        try:
+            arms, notes = source_arms([r.source for r in records], settings.sources,
+                                      size_tolerance=settings.source_size_tolerance)
+        except ConfigError as err:
+            raise ConfigError(f"verify.sources: {err}") from err
+        conditions = [Condition(arm.name, arm.indices, arm.size, arm.exclude) for arm in arms]
+        return conditions, notes
 
     def _run_conditions(self, conditions: list[Condition], identity: dict, k: int) -> dict:
         tokenizer, models, _ = self._load_models()
@@ -543,7 +563,10 @@ class Pipeline:
         full_ppl = (float(np.exp(mean_token_nll(models[-1][0], heldout,
                                                 tokenizer.pad_token_id)))
                     if heldout else None)
-        return _summarise_runs(runs, k, self.config.verify.alpha, full_ppl, bool(heldout))
+        summary = _summarise_runs(runs, k, self.config.verify.alpha, full_ppl, bool(heldout))
+        if self.config.verify.sources:
+            summary["sources"] = _source_comparisons(summary["conditions"], self.config.verify)
+        return summary
 
     # -- report --------------------------------------------------------------------------
 
@@ -811,7 +834,7 @@ def _summarise_runs(runs: dict[str, list], k: int, alpha: float, full_ppl: float
     control = conditions["random"]
     comparisons = {}
     for name, cond in conditions.items():
-        if name == "random":
+        if name == "random" or name.startswith("source-"):
             continue
         stats = compare_removals(cond["harm_rates"], control["harm_rates"], alpha=alpha)
         if has_heldout:
@@ -820,6 +843,39 @@ def _summarise_runs(runs: dict[str, list], k: int, alpha: float, full_ppl: float
         comparisons[name.removeprefix("top-")] = stats
     return {"k": k, "seeds": control["seeds"], "conditions": conditions,
             "comparisons": comparisons, "full_perplexity": full_ppl, "alpha": alpha}
+
+
+def _source_comparisons(conditions: dict, settings) -> dict:
+    """Each tested source against its matched controls; p-values corrected across sources.
+
+    Effects are ``mean(harm | source removed) - mean(harm | control)`` over seeds, with a
+    bootstrap interval and an exact permutation p-value (one-sided: removal lowers harm).
+    A source is declared causal only when it beats its random-records control after the
+    correction (and, where one exists, the similar-size source as well).
+    """
+    results: dict[str, dict] = {}
+    for target in settings.sources:
+        name = f"source-{target}"
+        treated = conditions[name]
+        controls = {c.split("/", 1)[1]: conditions[c] for c in conditions
+                    if c.startswith(name + "/")}
+        results[target] = {
+            "harm_mean": treated["mean"],
+            "controls": {label: compare(treated["harm_rates"], c["harm_rates"],
+                                        alpha=settings.alpha).as_dict()
+                         for label, c in controls.items()},
+        }
+    random_p = [r["controls"]["random-records"]["p_value"] for r in results.values()]
+    adjusted = adjust(random_p, method=settings.correction)
+    for result, p_adj in zip(results.values(), adjusted, strict=True):
+        similar = [c for label, c in result["controls"].items() if label != "random-records"]
+        beats_similar = all(c["p_value"] < settings.alpha for c in similar)
+        result["p_adjusted"] = float(p_adj)
+        result["correction"] = settings.correction
+        result["causal"] = bool(p_adj < settings.alpha and beats_similar)
+        result["verdict"] = ("causal: removal lowers harm more than matched controls"
+                             if result["causal"] else "not shown causal (null result kept)")
+    return results
 
 
 def _mean_ci(values: list[float]) -> tuple[float, float]:

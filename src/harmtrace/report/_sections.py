@@ -254,6 +254,27 @@ def _comparisons_table(comparisons: Mapping[str, Any]) -> Table:
     return Table("Targeted removal against matched random removal", headers, tuple(rows))
 
 
+def _sources_table(sources: Mapping[str, Any]) -> Table:
+    rows = []
+    for source, found in sources.items():
+        if not isinstance(found, Mapping):
+            continue
+        controls = found.get("controls") if isinstance(found.get("controls"), Mapping) else {}
+        for label, cmp in controls.items():
+            if not isinstance(cmp, Mapping):
+                continue
+            rows.append((
+                text(source), text(label),
+                f"{pp(cmp.get('effect'))} (95% CI {ci(cmp.get('ci'), pp)})",
+                pval(cmp.get("p_value")),
+                pval(found.get("p_adjusted")) if label == "random-records" else "",
+                text(found.get("verdict")) if label == "random-records" else "",
+            ))
+    headers = ("source removed", "control", "effect on harm rate", "permutation p",
+               "corrected p", "verdict")
+    return Table("Removing whole sources against matched controls", headers, tuple(rows))
+
+
 def verification_section(summary: Mapping[str, Any]) -> Section:
     ver = summary.get("verification")
     if not isinstance(ver, Mapping):
@@ -270,7 +291,9 @@ def verification_section(summary: Mapping[str, Any]) -> Section:
     table = _comparisons_table(comparisons) if comparisons else None
     png = _figures.seed_rates_png(conditions, CONDITION_LABELS)
     per_seed = _conditions_table(conditions, seeds) if conditions else None
-    return _section("4. Verification", [facts, table, per_seed,
+    sources = ver.get("sources") if isinstance(ver.get("sources"), Mapping) else {}
+    source_table = _sources_table(sources) if sources else None
+    return _section("4. Verification", [facts, table, source_table, per_seed,
                                         _figure("Harm rate per seed", png)])
 
 

@@ -20,6 +20,7 @@ from harmtrace._logging import get_logger
 from harmtrace.behaviours.measure import measure_behaviour
 from harmtrace.behaviours.spec import BehaviourSpec
 from harmtrace.models.lm import LMSettings, mean_token_nll, train_lm
+from harmtrace.verify.design import random_control
 from harmtrace.workspace import atomic_write_json
 
 __all__ = ["Condition", "RunResult", "run_condition"]
@@ -29,11 +30,13 @@ log = get_logger(__name__)
 
 @dataclass(frozen=True)
 class Condition:
-    """``removed`` holds train indices, or ``None`` for a fresh random draw of ``k``."""
+    """``removed`` holds train indices, or ``None`` for a fresh random draw of ``k``
+    (outside ``exclude`` when given, see :func:`harmtrace.verify.design.random_control`)."""
 
     name: str
     removed: tuple[int, ...] | None
     k: int
+    exclude: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -64,12 +67,14 @@ def run_condition(
     runs_dir: Path,
 ) -> RunResult:
     """Train, generate and measure one (condition, seed); reuse a finished run."""
-    path = runs_dir / f"{condition.name}-seed{seed}.json"
+    path = runs_dir / f"{condition.name.replace('/', '--')}-seed{seed}.json"
     if path.exists():
         log.info("reusing finished run %s", path.name)
         return RunResult(**json.loads(path.read_text(encoding="utf-8")))
     removed = condition.removed
-    if removed is None:
+    if removed is None and condition.exclude:
+        removed = random_control(len(sequences), condition.k, seed, condition.exclude)
+    elif removed is None:
         removed = random_removal(len(sequences), condition.k, seed)
     drop = set(removed)
     kept = [s for i, s in enumerate(sequences) if i not in drop]
