@@ -5,12 +5,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import stats
 
+from harmtrace.cli import main
+from harmtrace.config import load_config
 from harmtrace.errors import ConfigError, InputDataError
 from harmtrace.ledger import Ledger
 from harmtrace.remediate import (
@@ -18,6 +21,7 @@ from harmtrace.remediate import (
     MonitorPolicy,
     compare_measurements,
     load_policy,
+    monitor_models,
 )
 from harmtrace.remediate.monitor import _ks_statistics
 from harmtrace.store import Checkpoint, Database, ModelInfo
@@ -263,6 +267,15 @@ def _keep_earlier_checkpoint(workspace: Path) -> str:
     return model_id
 
 
+def _main(argv: list[str], monkeypatch, capsys) -> tuple[int, str]:
+    """Exit code and standard error of ``harmtrace ARGV`` run in this process (no start-up
+    cost; for the refusals, which load no model)."""
+    monkeypatch.setattr(sys, "argv", ["harmtrace", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    return exit_info.value.code, capsys.readouterr().err
+
+
 def test_cli_model_against_itself_passes_and_is_logged(finished_run, workspace: Path) -> None:
     model_id = _final_model(workspace)["model_id"]
 
@@ -283,58 +296,68 @@ def test_cli_model_against_itself_passes_and_is_logged(finished_run, workspace: 
     assert run_cli("ledger", "verify", "-w", str(workspace)).returncode == 0
 
 
-def test_cli_undertrained_candidate_fails_on_perplexity_and_the_swap_passes(
-        finished_run, workspace: Path) -> None:
+def test_undertrained_candidate_fails_on_perplexity_and_the_swap_passes(
+        finished_run, workspace: Path, tmp_path: Path) -> None:
     final = _final_model(workspace)["model_id"]
     earlier = _keep_earlier_checkpoint(workspace)
-    args = ("monitor", str(finished_run.config), "-w", str(workspace))
+    policy = tmp_path / "policy.toml"
+    # the first checkpoint's held-out perplexity is about 5% higher: under the default 5%
+    policy.write_text('[monitor]\nmax_perplexity_increase = 0.02\nset_by = "ci"\n',
+                      encoding="utf-8")
 
-    worse = run_cli(*args, "--baseline", final, "--candidate", earlier)
-    better = run_cli(*args, "--baseline", earlier, "--candidate", final)
+    worse = run_cli("monitor", str(finished_run.config), "-w", str(workspace), "--policy",
+                    str(policy), "--baseline", final, "--candidate", earlier)
+    better = monitor_models(load_config(finished_run.config), baseline=earlier,
+                            candidate=final, workspace=workspace,
+                            policy=load_policy(policy), n_resamples=999)
 
     assert worse.returncode == 1, worse.stderr
     assert "REGRESSION:" in worse.stderr and "perplexity" in worse.stderr.split("REGRESSION")[1]
     assert "held-out perplexity" in worse.stdout  # the table
-    assert better.returncode == 0, better.stderr
+    assert not better.regression and better.check("perplexity").change < -0.02
+    assert better.policy.set_by == "ci" and better.ledger_seq is not None
 
 
-def test_cli_bad_prefix_is_one_line_exit_2(finished_run, workspace: Path) -> None:
+def test_cli_bad_prefix_is_one_line_exit_2(finished_run, workspace: Path, monkeypatch,
+                                           capsys) -> None:
     model_id = _final_model(workspace)["model_id"]
 
-    result = run_cli("monitor", str(finished_run.config), "-w", str(workspace),
-                     "--baseline", model_id, "--candidate", "zzzz")
+    code, err = _main(["monitor", str(finished_run.config), "-w", str(workspace),
+                       "--baseline", model_id, "--candidate", "zzzz"], monkeypatch, capsys)
 
-    assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0
-    assert result.stderr.startswith("ConfigError: --candidate 'zzzz'")
+    assert code == 2
+    assert err.strip().count("\n") == 0
+    assert err.startswith("ConfigError: --candidate 'zzzz'")
 
 
 def test_cli_model_whose_files_are_not_in_the_workspace_is_named_with_the_fix(
-        finished_run, workspace: Path) -> None:
+        finished_run, workspace: Path, monkeypatch, capsys) -> None:
     model_id = _keep_earlier_checkpoint(workspace)
     shutil.rmtree(workspace / "artifacts" / "models")
     before = len(Ledger.for_workspace(Database(f"sqlite:///{workspace / 'harmtrace.db'}"),
                                       workspace, read_only=True).entries())
 
-    result = run_cli("monitor", str(finished_run.config), "-w", str(workspace),
-                     "--baseline", model_id, "--candidate", _final_model(workspace)["model_id"])
+    code, err = _main(["monitor", str(finished_run.config), "-w", str(workspace),
+                       "--baseline", model_id, "--candidate",
+                       _final_model(workspace)["model_id"]], monkeypatch, capsys)
 
-    assert result.returncode == 2
-    assert result.stderr.startswith(f"ArtifactError: model {model_id}: its files are not in")
-    assert "harmtrace train" in result.stderr and "artifacts/models" in result.stderr
+    assert code == 2
+    assert err.startswith(f"ArtifactError: model {model_id}: its files are not in")
+    assert "harmtrace train" in err and "artifacts/models" in err
     after = Ledger.for_workspace(Database(f"sqlite:///{workspace / 'harmtrace.db'}"),
                                  workspace, read_only=True).entries()
     assert len(after) == before  # refused before anything was measured or logged
 
 
-def test_cli_bad_policy_key_is_refused_before_any_model_runs(finished_run, workspace: Path,
-                                                             tmp_path: Path) -> None:
+def test_cli_bad_policy_key_is_refused_before_any_model_runs(
+        finished_run, workspace: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     policy = tmp_path / "policy.toml"
     policy.write_text("[monitor]\nalfa = 0.1\n", encoding="utf-8")
     model_id = _final_model(workspace)["model_id"]
 
-    result = run_cli("monitor", str(finished_run.config), "-w", str(workspace), "--policy",
-                     str(policy), "--baseline", model_id, "--candidate", model_id)
+    code, err = _main(["monitor", str(finished_run.config), "-w", str(workspace), "--policy",
+                       str(policy), "--baseline", model_id, "--candidate", model_id],
+                      monkeypatch, capsys)
 
-    assert result.returncode == 2
-    assert "unknown key 'monitor.alfa'" in result.stderr
+    assert code == 2
+    assert "unknown key 'monitor.alfa'" in err
