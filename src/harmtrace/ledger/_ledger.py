@@ -333,9 +333,7 @@ class _DatabaseVersions:
 
     def check(self, version_id: str) -> str | None:
         rec, link = t.records, t.version_records
-        erased = getattr(rec.c, "erased_at", None)
-        columns = [rec.c.record_id, rec.c.text, rec.c.content_hash]
-        query = (select(*columns, erased if erased is not None else rec.c.record_id)
+        query = (select(rec.c.record_id, rec.c.text, rec.c.content_hash, rec.c.erased_at)
                  .join(link, link.c.record_id == rec.c.record_id)
                  .where(link.c.version_id == version_id)
                  .order_by(rec.c.record_id))
@@ -352,8 +350,7 @@ class _DatabaseVersions:
                 "membership was changed)"
             )
         for record_id, text, digest, erased_at in rows:
-            is_erased = erased is not None and erased_at is not None
-            if text is not None and not is_erased and sha256_text(text) != digest:
+            if text is not None and erased_at is None and sha256_text(text) != digest:
                 return (
                     f"record {record_id} of dataset version {version_id[:12]}... holds text "
                     "that does not hash to its stored content_hash (the text was changed)"
